@@ -1,0 +1,306 @@
+"""Every published layout, written on disk by the test, loads to the same math as the original."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hub_sae import TopKSAE
+from hub_sae.formats import SAELoadError
+
+D_IN, D_SAE, K = 24, 96, 5
+
+
+def raw_weights(seed: int = 0, d_in: int = D_IN, d_sae: int = D_SAE) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "W_enc": torch.randn(d_sae, d_in, generator=g) / d_in**0.5,
+        "b_enc": torch.randn(d_sae, generator=g) * 0.1,
+        "W_dec": torch.randn(d_sae, d_in, generator=g) / d_in**0.5,
+        "b_dec": torch.randn(d_in, generator=g) * 0.5,
+    }
+
+
+def original(
+    w: dict[str, torch.Tensor], x: torch.Tensor, k: int = K
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The published TopK math, written out densely: returns (dense latents, reconstruction)."""
+    pre = torch.relu((x - w["b_dec"]) @ w["W_enc"].T + w["b_enc"])
+    acts, idx = pre.topk(k)
+    z = torch.zeros_like(pre).scatter(1, idx, acts)
+    return z, z @ w["W_dec"] + w["b_dec"]
+
+
+def assert_same_math(sae: TopKSAE, w: dict[str, torch.Tensor], k: int = K) -> None:
+    x = torch.randn(64, w["W_enc"].shape[1]) * 2
+    z, x_hat = original(w, x, k)
+    acts, idx = sae.encode(x)
+    torch.testing.assert_close(torch.zeros_like(z).scatter(1, idx, acts), z, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sae.decode(acts, idx), x_hat, atol=1e-5, rtol=1e-5)
+
+
+def write_dictionary_learning(
+    folder: Path, w: dict, layer: int, k: int, policy: str = "mask"
+) -> None:
+    folder.mkdir(parents=True)
+    d_sae, d_in = w["W_enc"].shape
+    state = {
+        "encoder.weight": w["W_enc"],
+        "encoder.bias": w["b_enc"],
+        "decoder.weight": w["W_dec"].T.contiguous(),
+        "b_dec": w["b_dec"],
+        "k": torch.tensor(k),
+        "threshold": torch.tensor(-1.0),
+    }
+    torch.save(state, folder / "ae.pt")
+    config = {
+        "trainer": {
+            "trainer_class": "TopKTrainer",
+            "activation_dim": d_in,
+            "dict_size": d_sae,
+            "k": k,
+            "layer": layer,
+            "lm_name": "GSAI-ML/LLaDA-8B-Base",
+            "lr": 3e-4,
+        },
+        "buffer": {"ctx_len": 2048, "dlm_mask_policy": policy, "dlm_t_min": 0.05, "dlm_t_max": 0.5},
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def dlm_scope_release(root: Path) -> dict:
+    """A miniature of the DLM-Scope repo: 2 layers x 2 trainers (k = 5, 8)."""
+    weights = {}
+    base = root / "saes_mask_LLaDA-8B-Base_top_k"
+    for layer in (1, 16):
+        for i, k in enumerate((5, 8)):
+            weights[layer, k] = raw_weights(seed=layer * 10 + i)
+            write_dictionary_learning(
+                base / f"resid_post_layer_{layer}" / f"trainer_{i}", weights[layer, k], layer, k
+            )
+    return weights
+
+
+def test_round_trip_is_bit_exact(tmp_path):
+    sae = TopKSAE(d_in=D_IN, d_sae=D_SAE, k=K, layer=2, base_model="minilm", policy="unmask")
+    sae.save_pretrained(tmp_path / "one")
+    loaded = TopKSAE.from_pretrained(tmp_path / "one")
+    assert (loaded.d_in, loaded.d_sae, loaded.k, loaded.layer, loaded.policy) == (
+        D_IN,
+        D_SAE,
+        K,
+        2,
+        "unmask",
+    )
+    for name, tensor in sae.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+    ]
+
+
+def make_suite(root: Path, layers=(1, 3, 5), default_layer=3) -> dict[int, TopKSAE]:
+    saes = {}
+    for layer in layers:
+        torch.manual_seed(layer)
+        saes[layer] = TopKSAE(d_in=D_IN, d_sae=D_SAE, k=K, layer=layer, base_model="minilm")
+        saes[layer].save_pretrained(root / f"layer_{layer}")
+    (root / "suite.json").write_text(
+        json.dumps({"layers": list(layers), "default_layer": default_layer})
+    )
+    return saes
+
+
+def test_suite_layout_default_and_chosen_layer(tmp_path):
+    saes = make_suite(tmp_path)
+    assert TopKSAE.from_pretrained(tmp_path).layer == 3
+    five = TopKSAE.from_pretrained(tmp_path, layer=5)
+    assert torch.equal(five.W_dec, saes[5].W_dec)
+    suite = TopKSAE.load_suite(tmp_path)
+    assert sorted(suite) == [1, 3, 5]
+    assert all(
+        torch.equal(suite[layer].encoder.weight, saes[layer].encoder.weight) for layer in suite
+    )
+    with pytest.raises(SAELoadError, match=r"No SAE for layer 4 .* available layers: \[1, 3, 5\]"):
+        TopKSAE.from_pretrained(tmp_path, layer=4)
+
+
+def test_dictionary_learning_layout_by_layer_and_k(tmp_path):
+    weights = dlm_scope_release(tmp_path)
+    sae = TopKSAE.from_pretrained(tmp_path, layer=16, k=8)
+    assert (sae.layer, sae.k, sae.policy, sae.base_model) == (
+        16,
+        8,
+        "mask",
+        "GSAI-ML/LLaDA-8B-Base",
+    )
+    assert_same_math(sae, weights[16, 8], k=8)
+    smallest = TopKSAE.from_pretrained(tmp_path, layer=1)
+    assert smallest.k == 5
+    assert_same_math(smallest, weights[1, 5])
+    assert sorted(TopKSAE.load_suite(tmp_path, k=8)) == [1, 16]
+    with pytest.raises(
+        SAELoadError, match=r"No SAE with k=50 for layer 16 .* available k: \[5, 8\]"
+    ):
+        TopKSAE.from_pretrained(tmp_path, layer=16, k=50)
+    with pytest.raises(SAELoadError, match=r"available layers: \[1, 16\]"):
+        TopKSAE.from_pretrained(tmp_path, layer=6)
+    with pytest.raises(SAELoadError, match=r"layers \[1, 16\]; pass layer="):
+        TopKSAE.from_pretrained(tmp_path)
+
+
+def test_dictionary_learning_ambiguous_folders_ask_for_subfolder(tmp_path):
+    dlm_scope_release(tmp_path)
+    shutil.copytree(
+        tmp_path / "saes_mask_LLaDA-8B-Base_top_k", tmp_path / "saes_unmask_LLaDA-8B-Base_top_k"
+    )
+    with pytest.raises(SAELoadError, match="pass subfolder="):
+        TopKSAE.from_pretrained(tmp_path, layer=1, k=5)
+    assert (
+        TopKSAE.from_pretrained(
+            tmp_path, layer=1, k=5, subfolder="saes_unmask_LLaDA-8B-Base_top_k"
+        ).k
+        == 5
+    )
+
+
+def test_ae_pt_loads_weights_only(tmp_path):
+    folder = tmp_path / "trainer_0"
+    write_dictionary_learning(folder, raw_weights(), layer=1, k=K)
+    state = torch.load(folder / "ae.pt", weights_only=True)
+    state["extra"] = {"a callable": print}  # a pickle that weights_only must refuse
+    torch.save(state, folder / "ae.pt")
+    with pytest.raises(SAELoadError, match=r"ae\.pt with torch\.load\(weights_only=True\)"):
+        TopKSAE.from_pretrained(folder)
+
+
+def test_sparsify_layout(tmp_path):
+    w = raw_weights(3)
+    for layer in (2, 7):
+        folder = tmp_path / f"layers.{layer}"
+        folder.mkdir()
+        cfg = {
+            "expansion_factor": 4,
+            "normalize_decoder": True,
+            "num_latents": D_SAE,
+            "k": K,
+            "d_in": D_IN,
+        }
+        (folder / "cfg.json").write_text(json.dumps(cfg))
+        save_file(
+            {
+                "encoder.weight": w["W_enc"],
+                "encoder.bias": w["b_enc"],
+                "W_dec": w["W_dec"],
+                "b_dec": w["b_dec"],
+            },
+            folder / "sae.safetensors",
+        )
+    sae = TopKSAE.from_pretrained(tmp_path, layer=7)
+    assert (sae.layer, sae.k) == (7, K)
+    assert_same_math(sae, w)
+
+
+@pytest.mark.parametrize("apply_b_dec_to_input", [True, False])
+def test_saelens_layout(tmp_path, apply_b_dec_to_input):
+    w = raw_weights(4)
+    cfg = {
+        "architecture": "topk",
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "activation_fn_kwargs": {"k": K},
+        "apply_b_dec_to_input": apply_b_dec_to_input,
+        "normalize_activations": "none",
+        "hook_name": "blocks.9.hook_resid_post",
+        "model_name": "some-model",
+    }
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    save_file(
+        {
+            "W_enc": w["W_enc"].T.contiguous(),
+            "b_enc": w["b_enc"],
+            "W_dec": w["W_dec"],
+            "b_dec": w["b_dec"],
+        },
+        tmp_path / "sae_weights.safetensors",
+    )
+    sae = TopKSAE.from_pretrained(tmp_path)
+    assert (sae.layer, sae.base_model) == (9, "some-model")
+    if apply_b_dec_to_input:
+        assert_same_math(sae, w)
+    else:  # SAELens then encodes x itself, not x - b_dec
+        x = torch.randn(16, D_IN)
+        pre = torch.relu(x @ w["W_enc"].T + w["b_enc"])
+        acts, idx = pre.topk(K)
+        expected = torch.zeros_like(pre).scatter(1, idx, acts) @ w["W_dec"] + w["b_dec"]
+        torch.testing.assert_close(sae(x).reconstruction, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_missing_tensor_is_named(tmp_path):
+    TopKSAE(d_in=D_IN, d_sae=D_SAE, k=K).save_pretrained(tmp_path)
+    state = {
+        n: t for n, t in TopKSAE(d_in=D_IN, d_sae=D_SAE, k=K).state_dict().items() if n != "b_dec"
+    }
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(SAELoadError, match=r"model\.safetensors is missing \['b_dec'\]"):
+        TopKSAE.from_pretrained(tmp_path)
+
+
+def test_d_in_mismatch_is_named(tmp_path):
+    folder = tmp_path / "trainer_0"
+    write_dictionary_learning(folder, raw_weights(d_in=32), layer=1, k=K)
+    config = json.loads((folder / "config.json").read_text())
+    config["trainer"]["activation_dim"] = D_IN
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        SAELoadError, match=r"encoder\.weight has shape \(96, 32\), expected \(96, 24\)"
+    ):
+        TopKSAE.from_pretrained(folder)
+
+
+def test_corrupt_files_are_named(tmp_path):
+    TopKSAE(d_in=D_IN, d_sae=D_SAE, k=K).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 40)
+    with pytest.raises(SAELoadError, match=r"Could not read .*model\.safetensors"):
+        TopKSAE.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(SAELoadError, match=r"Could not read .*config\.json"):
+        TopKSAE.from_pretrained(tmp_path)
+
+
+def test_empty_or_missing_folder(tmp_path):
+    with pytest.raises(SAELoadError, match="No SAE found"):
+        TopKSAE.from_pretrained(tmp_path)
+    with pytest.raises(SAELoadError, match="No such folder"):
+        TopKSAE.from_pretrained(tmp_path / "nope")
+
+
+def populate_hub_cache(cache: Path, repo_id: str, files_from: Path) -> None:
+    """Lay out a hub cache entry (refs/main -> snapshot) as huggingface_hub writes it."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(files_from, repo / "snapshots" / commit)
+
+
+def test_loads_from_hub_cache_offline(tmp_path):
+    weights = dlm_scope_release(tmp_path / "release")
+    populate_hub_cache(
+        tmp_path / "cache", "AwesomeInterpretability/llada-mask-topk-sae", tmp_path / "release"
+    )
+    sae = TopKSAE.from_pretrained(
+        "AwesomeInterpretability/llada-mask-topk-sae", layer=16, cache_dir=tmp_path / "cache"
+    )
+    assert (sae.layer, sae.k) == (16, 5)
+    assert_same_math(sae, weights[16, 5])
+
+    make_suite(tmp_path / "suite")
+    populate_hub_cache(tmp_path / "cache", "me/minilm-suite", tmp_path / "suite")
+    suite = TopKSAE.load_suite("me/minilm-suite", cache_dir=tmp_path / "cache")
+    assert sorted(suite) == [1, 3, 5]

@@ -1,0 +1,123 @@
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from hub_sae import TopKSAE
+
+
+def reference(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor | None = None, k_aux: int = 8):
+    """The TopK SAE written out densely: z = TopK(ReLU(W_enc (x - b_dec) + b_enc)), x_hat = z W_dec + b_dec."""
+    pre = torch.relu((x - sae.b_dec) @ sae.encoder.weight.T + sae.encoder.bias)
+    acts, idx = pre.topk(sae.k)
+    z = torch.zeros_like(pre).scatter(1, idx, acts)
+    x_hat = z @ sae.W_dec + sae.b_dec
+    total = (x - x.mean(0)).pow(2).sum()
+    loss = (x - x_hat).pow(2).sum() / total
+    if dead is not None:
+        d = dead.nonzero().squeeze(-1)
+        aux_acts, aux_idx = pre[:, d].topk(k_aux)
+        z_aux = torch.zeros_like(pre).scatter(1, d[aux_idx], aux_acts)
+        loss = loss + (z_aux @ sae.W_dec - (x - x_hat).detach()).pow(2).sum() / total
+    return z, x_hat, loss
+
+
+@pytest.fixture
+def sae() -> TopKSAE:
+    torch.manual_seed(0)
+    sae = TopKSAE(d_in=32, d_sae=128, k=6, layer=3, base_model="minilm")
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.encoder.bias.normal_(std=0.1)
+    return sae
+
+
+def test_encode_decode_match_dense_math(sae):
+    x = torch.randn(50, 32)
+    z, x_hat, _ = reference(sae, x)
+    acts, idx = sae.encode(x)
+    dense = torch.zeros(50, 128).scatter(1, idx, acts)
+    torch.testing.assert_close(dense, z, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sae.decode(acts, idx), x_hat, atol=1e-5, rtol=1e-5)
+    out = sae(x)
+    torch.testing.assert_close(out.reconstruction, x_hat, atol=1e-5, rtol=1e-5)
+    assert out.auxk_loss is None
+    assert torch.isclose(out.fvu, (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
+def test_encode_keeps_leading_dims(sae):
+    x = torch.randn(2, 5, 32)
+    acts, idx = sae.encode(x)
+    assert acts.shape == idx.shape == (2, 5, 6)
+    torch.testing.assert_close(
+        sae.decode(acts, idx), sae(x.reshape(10, 32)).reconstruction.reshape(2, 5, 32)
+    )
+
+
+def test_gradients_match_dense_reference_including_auxk(sae):
+    x = torch.randn(40, 32, requires_grad=True)
+    dead = torch.rand(128) < 0.5
+    out = sae(x, dead_mask=dead, k_aux=8)
+    (out.fvu + out.auxk_loss).backward()
+    ours = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    grad_x = x.grad.clone()
+    sae.zero_grad()
+    x.grad = None
+    reference(sae, x, dead)[2].backward()
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(ours[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    torch.testing.assert_close(grad_x, x.grad, atol=1e-5, rtol=1e-4)
+
+
+class ShapeRecorder(TorchDispatchMode):
+    """Records the shape of every tensor any aten op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+def test_no_dense_tokens_by_latents_tensor_in_decode_or_backward():
+    n, d_sae = 64, 1000
+    sae = TopKSAE(d_in=16, d_sae=d_sae, k=4)
+    x = torch.randn(n, 16, requires_grad=True)
+    acts, idx = sae.encode(x)
+    with ShapeRecorder() as rec:
+        x_hat = sae.decode(acts, idx)
+    assert x_hat.shape == (n, 16)
+    assert not [s for s in rec.shapes if n * d_sae <= torch.Size(s).numel()]
+
+    out = sae(x, dead_mask=torch.ones(d_sae, dtype=torch.bool), k_aux=8)
+    with ShapeRecorder() as rec:
+        (out.fvu + out.auxk_loss).backward()
+    assert rec.shapes, "the recorder saw the backward ops"
+    assert not [s for s in rec.shapes if n * d_sae <= torch.Size(s).numel()]
+    assert sae.encoder.weight.grad.abs().sum() > 0
+
+
+def test_decoder_rows_unit_norm_and_parallel_gradient_removed(sae):
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(128))
+    sae(torch.randn(20, 32)).fvu.backward()
+    sae.remove_gradient_parallel_to_decoder_directions()
+    parallel = (sae.W_dec.grad * sae.W_dec).sum(dim=1)
+    assert parallel.abs().max() < 1e-6
+
+
+def test_fold_input_scale_gives_raw_input_sae(sae):
+    scale = 7.5
+    x = torch.randn(30, 32) * scale
+    scaled = sae(x / scale).reconstruction * scale
+    sae.fold_input_scale(scale)
+    torch.testing.assert_close(sae(x).reconstruction, scaled, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(128))
+
+
+def test_bad_k_is_refused():
+    with pytest.raises(ValueError, match="k must satisfy 0 < k < d_sae"):
+        TopKSAE(d_in=8, d_sae=16, k=16)
