@@ -1,0 +1,181 @@
+"""Text corpora and their packing into fixed-length token contexts.
+
+A corpus is the embedded default `pydoc` (Python's own `pydoc_data.topics`, on every CPython
+install), a local .txt/.jsonl file or a folder of them, or a Hugging Face dataset streamed from the
+hub. Documents are packed into contexts of exactly `ctx_len` tokens: BOS, then the tokens of
+consecutive documents joined with EOS; a document that does not fit continues in the next context.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+DEFAULT_CORPUS = "pydoc"
+LOCAL_SPLITS = ("train", "heldout")
+HELDOUT_EVERY = 10
+SUFFIXES = (".txt", ".jsonl")
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it is cut into batches."""
+
+    corpus: str = DEFAULT_CORPUS
+    """'pydoc' (embedded), a local .txt/.jsonl file or a folder of them, or an HF dataset 'name' or 'name:config' (streamed)."""
+    split: str = "train"
+    """'train' or 'heldout' for pydoc and local files (every 10th document is held out); the split name for HF datasets."""
+    text_field: str = "text"
+    """The field holding the text in .jsonl lines and HF dataset rows."""
+    ctx_len: int = 128
+    """Tokens per context, BOS included."""
+    batch_size: int = 8
+    """Contexts per batch."""
+    seed: int = 0
+    """Shuffles the document order (HF datasets: a shuffle buffer of 10,000 documents)."""
+    max_docs: int | None = None
+    """Read at most this many documents (after the split and the shuffle)."""
+
+    def __post_init__(self) -> None:
+        if self.ctx_len < 2:
+            raise ValueError(f"ctx_len must be at least 2 (BOS + one token); got {self.ctx_len}.")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1; got {self.batch_size}.")
+
+
+def _is_local(corpus: str) -> bool:
+    """Whether `corpus` names a local file or folder rather than an HF dataset."""
+    path = Path(corpus).expanduser()
+    return path.exists() or path.suffix in SUFFIXES or corpus.startswith(("/", ".", "~"))
+
+
+def _read_file(path: Path, text_field: str) -> list[str]:
+    """The documents of one file: blank-line-separated paragraphs of a .txt, lines of a .jsonl."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".txt":
+        return [doc.strip() for doc in text.split("\n\n") if doc.strip()]
+    docs = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number} is not valid JSON ({e}); write one object per line.") from None
+        if not isinstance(row, dict) or text_field not in row:
+            raise ValueError(
+                f"{path}:{number} has no field {text_field!r}; set text_field to the field that holds the text."
+            )
+        docs.append(str(row[text_field]))
+    return docs
+
+
+def _local_documents(corpus: str, text_field: str) -> list[str]:
+    """All documents of a local file or folder (its .txt/.jsonl files in sorted path order)."""
+    path = Path(corpus).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"corpus {corpus!r} does not exist; give a .txt/.jsonl file or a folder of them, "
+            f"{DEFAULT_CORPUS!r} or an HF dataset name."
+        )
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in SUFFIXES)
+        if not files:
+            raise ValueError(f"folder {path} holds no .txt or .jsonl file.")
+    elif path.suffix in SUFFIXES:
+        files = [path]
+    else:
+        raise ValueError(f"corpus file {path} is neither .txt nor .jsonl; rename it or convert it.")
+    return [doc for f in files for doc in _read_file(f, text_field)]
+
+
+def _hf_texts(cfg: DataConfig) -> Iterator[str]:
+    """The documents of an HF dataset split, streamed through a seeded shuffle buffer."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            f"corpus {cfg.corpus!r} is read as a Hugging Face dataset, which needs `datasets`: "
+            "pip install datasets"
+        ) from None
+    name, _, config = cfg.corpus.partition(":")
+    rows = datasets.load_dataset(name, config or None, split=cfg.split, streaming=True)
+    rows = rows.shuffle(seed=cfg.seed, buffer_size=10_000)
+    for row in islice(rows, cfg.max_docs):
+        if cfg.text_field not in row:
+            raise ValueError(
+                f"dataset {cfg.corpus!r} has no field {cfg.text_field!r} (fields: {', '.join(row)}); "
+                "set text_field to the field that holds the text."
+            )
+        yield row[cfg.text_field]
+
+
+def iter_texts(cfg: DataConfig) -> Iterator[str]:
+    """The documents of `cfg.corpus`'s split, in an order shuffled by `cfg.seed`.
+
+    pydoc and local corpora are read in full here, so a missing file or an empty split fails at
+    once; an HF dataset is streamed.
+    """
+    if cfg.corpus != DEFAULT_CORPUS and not _is_local(cfg.corpus):
+        return _hf_texts(cfg)
+    if cfg.split not in LOCAL_SPLITS:
+        raise ValueError(
+            f"split {cfg.split!r} is not one of {', '.join(LOCAL_SPLITS)} (those of {cfg.corpus!r})."
+        )
+    if cfg.corpus == DEFAULT_CORPUS:
+        from pydoc_data.topics import topics
+
+        docs = [topics[key] for key in sorted(topics)]
+    else:
+        docs = _local_documents(cfg.corpus, cfg.text_field)
+    heldout = cfg.split == "heldout"
+    docs = [doc for i, doc in enumerate(docs) if (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) == heldout]
+    if not docs:
+        raise ValueError(
+            f"corpus {cfg.corpus!r} holds no document in split {cfg.split!r} "
+            f"(every {HELDOUT_EVERY}th document is held out); give it more text."
+        )
+    random.Random(cfg.seed).shuffle(docs)
+    return iter(docs[: cfg.max_docs])
+
+
+def pack(
+    texts: Iterable[str], tokenizer, ctx_len: int, bos_token_id: int, eos_token_id: int
+) -> Iterator[Tensor]:
+    """Contexts of exactly `ctx_len` tokens: BOS + consecutive documents joined with EOS.
+
+    A document that does not fit continues in the next context, after a new BOS; the final partial
+    context is dropped.
+    """
+    body = ctx_len - 1
+    buffer: list[int] = []
+    for i, text in enumerate(texts):
+        if i:
+            buffer.append(eos_token_id)
+        buffer.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        n_full = len(buffer) // body
+        for j in range(n_full):
+            yield torch.tensor([bos_token_id, *buffer[j * body : (j + 1) * body]], dtype=torch.long)
+        del buffer[: n_full * body]
+
+
+def token_batches(
+    cfg: DataConfig, tokenizer, bos_token_id: int, eos_token_id: int, skip_batches: int = 0
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """One pass over the corpus as (input_ids, attention_mask), both [batch_size, ctx_len] long.
+
+    The final partial batch is dropped. `skip_batches` fast-forwards past that many batches (to
+    resume); call again with another seed for the next epoch.
+    """
+    contexts = pack(iter_texts(cfg), tokenizer, cfg.ctx_len, bos_token_id, eos_token_id)
+    contexts = islice(contexts, skip_batches * cfg.batch_size, None)
+    while len(rows := list(islice(contexts, cfg.batch_size))) == cfg.batch_size:
+        input_ids = torch.stack(rows)
+        yield input_ids, torch.ones_like(input_ids)
