@@ -50,7 +50,7 @@ class DataConfig:
             raise ValueError(f"batch_size must be at least 1; got {self.batch_size}.")
 
 
-def _is_local(corpus: str) -> bool:
+def is_local_corpus(corpus: str) -> bool:
     """Whether `corpus` names a local file or folder rather than an HF dataset."""
     path = Path(corpus).expanduser()
     return path.exists() or path.suffix in SUFFIXES or corpus.startswith(("/", ".", "~"))
@@ -117,22 +117,41 @@ def _hf_texts(cfg: DataConfig) -> Iterator[str]:
         yield row[cfg.text_field]
 
 
+def pydoc_documents(max_chars: int = 2000) -> list[str]:
+    """Python's pydoc topics cut into distinct runs of whole paragraphs of ~`max_chars` characters.
+
+    The 79 topics differ a lot in length, so holding out whole topics would leave a tiny,
+    lopsided held-out split; chunks give one of about a tenth of the text.
+    """
+    from pydoc_data.topics import topics
+
+    docs = []
+    for key in sorted(topics):
+        chunk = ""
+        for paragraph in topics[key].split("\n\n"):
+            if chunk and len(chunk) + len(paragraph) > max_chars:
+                docs.append(chunk)
+                chunk = ""
+            chunk = f"{chunk}\n\n{paragraph}" if chunk else paragraph
+        if chunk.strip():
+            docs.append(chunk)
+    return list(dict.fromkeys(docs))  # some topics repeat text: keep it on one side of the split
+
+
 def iter_texts(cfg: DataConfig) -> Iterator[str]:
     """The documents of `cfg.corpus`'s split, in an order shuffled by `cfg.seed`.
 
     pydoc and local corpora are read in full here, so a missing file or an empty split fails at
     once; an HF dataset is streamed.
     """
-    if cfg.corpus != DEFAULT_CORPUS and not _is_local(cfg.corpus):
+    if cfg.corpus != DEFAULT_CORPUS and not is_local_corpus(cfg.corpus):
         return _hf_texts(cfg)
     if cfg.split not in LOCAL_SPLITS:
         raise ValueError(
             f"split {cfg.split!r} is not one of {', '.join(LOCAL_SPLITS)} (those of {cfg.corpus!r})."
         )
     if cfg.corpus == DEFAULT_CORPUS:
-        from pydoc_data.topics import topics
-
-        docs = [topics[key] for key in sorted(topics)]
+        docs = pydoc_documents()
     else:
         docs = _local_documents(cfg.corpus, cfg.text_field)
     heldout = cfg.split == "heldout"

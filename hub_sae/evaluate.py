@@ -9,6 +9,8 @@ Spliced metric: block L's output at the policy's positions is replaced by the SA
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 from collections.abc import Iterator
 
@@ -45,8 +47,17 @@ class _Moments:
 
 
 def _batches(base: BaseModel, data: DataConfig) -> Iterator[tuple[Tensor, Tensor]]:
-    for input_ids, attention_mask in token_batches(data, base.tokenizer, base.bos_token_id, base.eos_token_id):
-        yield input_ids.to(base.device), attention_mask.to(base.device)
+    """Endless passes over `data` (each in a new order; the caller draws fresh corruption)."""
+    for epoch in itertools.count():
+        empty = True
+        pass_data = dataclasses.replace(data, seed=data.seed + epoch)
+        for input_ids, attention_mask in token_batches(
+            pass_data, base.tokenizer, base.bos_token_id, base.eos_token_id
+        ):
+            empty = False
+            yield input_ids.to(base.device), attention_mask.to(base.device)
+        if empty:
+            return
 
 
 def masked_lm_loss(logits: Tensor, targets: Tensor, batch: CorruptedBatch) -> Tensor:

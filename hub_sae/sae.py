@@ -39,59 +39,118 @@ class ForwardOutput(NamedTuple):
     """AuxK loss of the dead latents (only when `dead_mask` is given), normalised like `fvu`."""
 
 
-def _scatter_rows_grad(indices: Tensor, weights: Tensor, rows: Tensor, n_rows: int) -> Tensor:
-    """sum over (n, j) of weights[n, j] * rows[n] into row indices[n, j] of an [n_rows, d] tensor.
+def _by_latent(indices: Tensor, n_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The (token, slot) pairs of `indices` [N, K] grouped by latent, as `embedding_bag` input.
 
-    This is exactly the weight gradient of `embedding_bag`, so that kernel does the scatter
-    without materialising an [N, k, d] or [N, n_rows] tensor.
+    Returns (order, tokens, offsets): `order` sorts the flattened pairs by latent, `tokens` [N * K]
+    is the token of each sorted pair and `offsets` [n_rows] where each latent's pairs start.
     """
-    with torch.enable_grad():
-        table = torch.zeros(n_rows, rows.shape[-1], dtype=rows.dtype, device=rows.device)
-        table.requires_grad_(True)
-        bag = F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum")
-        (grad,) = torch.autograd.grad(bag, table, rows)
-    return grad
+    flat = indices.flatten()
+    order = flat.argsort(stable=True)  # on CPU the stable sort is the fast one
+    counts = torch.bincount(flat, minlength=n_rows)
+    tokens = order.div(indices.shape[-1], rounding_mode="floor")
+    return order, tokens, counts.cumsum(0) - counts
+
+
+def _scatter_rows(indices: Tensor, weights: Tensor, rows: Tensor, n_rows: int) -> Tensor:
+    """[n_rows, d]: the sum over (n, j) of weights[n, j] * rows[n] into row indices[n, j].
+
+    An `embedding_bag` whose bags are the latents and whose table is `rows`: each output row is
+    written once, and no [N, K, d] or [N, n_rows] tensor is built.
+    """
+    order, tokens, offsets = _by_latent(indices, n_rows)
+    return F.embedding_bag(
+        tokens, rows, offsets, per_sample_weights=weights.flatten()[order], mode="sum"
+    )
+
+
+def _gather_dot(indices: Tensor, table: Tensor, rows: Tensor) -> Tensor:
+    """[N, K]: rows[n] . table[indices[n, j]], i.e. embedding_bag's per-sample-weight gradient."""
+    n, k = indices.shape
+    offsets = torch.arange(0, n * k, k, device=indices.device)
+    offset2bag = torch.arange(n, device=indices.device).repeat_interleave(k)
+    return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        rows.contiguous(), table, indices.flatten(), offsets, offset2bag, 0
+    ).view(n, k)
 
 
 class _TopKEncoder(torch.autograd.Function):
-    """ReLU + top-k of x W^T + b whose backward only touches the selected latents."""
+    """ReLU of the top k of (x - b_dec) W^T + b, whose backward only touches the selected latents."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, k: int):  # type: ignore[override]
-        pre_acts = F.relu(F.linear(x, weight, bias))
-        top_acts, top_indices = pre_acts.topk(k, dim=-1, sorted=False)
-        ctx.save_for_backward(x, weight, top_indices)
+    def forward(ctx, x: Tensor, b_dec: Tensor, weight: Tensor, bias: Tensor, k: int):  # type: ignore[override]
+        sae_in = x - b_dec
+        pre_acts = F.linear(sae_in, weight, bias)
+        values, top_indices = pre_acts.topk(k, dim=-1, sorted=False)
+        ctx.save_for_backward(sae_in, weight, top_indices, values)
         ctx.mark_non_differentiable(top_indices, pre_acts)
         ctx.set_materialize_grads(False)  # else autograd builds a dense zero grad for pre_acts
-        return top_acts, top_indices, pre_acts
+        return values.relu(), top_indices, pre_acts
 
     @staticmethod
     def backward(ctx, grad_acts: Tensor, _grad_indices, _grad_pre):  # type: ignore[override]
-        x, weight, indices = ctx.saved_tensors
-        grad_x = grad_weight = grad_bias = None
-        if grad_acts is None:
-            return grad_x, grad_weight, grad_bias, None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(indices, weight, per_sample_weights=grad_acts, mode="sum")
-        if ctx.needs_input_grad[1]:
-            grad_weight = _scatter_rows_grad(indices, grad_acts, x, weight.shape[0])
-        if ctx.needs_input_grad[2]:
-            grad_bias = torch.zeros(weight.shape[0], dtype=grad_acts.dtype, device=grad_acts.device)
-            grad_bias.index_add_(0, indices.flatten(), grad_acts.flatten())
-        return grad_x, grad_weight, grad_bias, None
+        return _encoder_backward(ctx, grad_acts) + (None,)
 
 
 class _SelectedEncoder(torch.autograd.Function):
-    """Gradient of given pre-activation entries (used by AuxK) without a dense backward."""
+    """ReLU of given pre-activation entries (AuxK's latents), with the same sparse backward."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, pre_acts: Tensor, indices: Tensor):  # type: ignore[override]
-        ctx.save_for_backward(x, weight, indices)
-        return pre_acts.gather(-1, indices)
+    def forward(
+        ctx,
+        x: Tensor,
+        b_dec: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        pre_acts: Tensor,
+        indices: Tensor,
+    ):  # type: ignore[override]
+        values = pre_acts.gather(-1, indices)
+        ctx.save_for_backward(x - b_dec, weight, indices, values)
+        return values.relu()
 
     @staticmethod
     def backward(ctx, grad_acts: Tensor):  # type: ignore[override]
-        return _TopKEncoder.backward(ctx, grad_acts, None, None)[:3] + (None, None)
+        return _encoder_backward(ctx, grad_acts) + (None, None)
+
+
+def _encoder_backward(ctx, grad_acts: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Gradients of (x, b_dec, weight, bias) from those of the selected activations."""
+    if grad_acts is None:
+        return None, None, None, None
+    sae_in, weight, indices, values = ctx.saved_tensors
+    need_x, need_b_dec, need_weight, need_bias = ctx.needs_input_grad[:4]
+    grad = grad_acts * (values > 0)  # ReLU
+    grad_x = grad_b_dec = grad_weight = grad_bias = None
+    if need_weight:
+        grad_weight = _scatter_rows(indices, grad, sae_in, weight.shape[0])
+    if need_bias or need_b_dec:
+        grad_bias = grad.new_zeros(weight.shape[0]).index_add_(0, indices.flatten(), grad.flatten())
+    if need_x:
+        grad_x = F.embedding_bag(indices, weight, per_sample_weights=grad, mode="sum")
+    if need_b_dec:
+        # -sum_n grad_x[n] = -grad_bias W: one [d_sae] x [d_sae, d] product instead of N * K rows.
+        grad_b_dec = -(grad_x.sum(0) if grad_x is not None else grad_bias @ weight)
+    return grad_x, grad_b_dec, grad_weight, grad_bias if need_bias else None
+
+
+class _Decode(torch.autograd.Function):
+    """sum_j acts[n, j] * weight[indices[n, j]] (an `embedding_bag`) with a sparse backward."""
+
+    @staticmethod
+    def forward(ctx, acts: Tensor, indices: Tensor, weight: Tensor):  # type: ignore[override]
+        ctx.save_for_backward(acts, indices, weight)
+        return F.embedding_bag(indices, weight, per_sample_weights=acts, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        acts, indices, weight = ctx.saved_tensors
+        grad_acts = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_acts = _gather_dot(indices, weight, grad)
+        if ctx.needs_input_grad[2]:
+            grad_weight = _scatter_rows(indices, acts, grad.contiguous(), weight.shape[0])
+        return grad_acts, None, grad_weight
 
 
 class TopKSAE(
@@ -140,11 +199,10 @@ class TopKSAE(
         return self.b_dec.dtype
 
     def _pre_and_top(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        sae_in = x.to(self.dtype) - self.b_dec
-        top_acts, top_indices, pre_acts = _TopKEncoder.apply(
-            sae_in, self.encoder.weight, self.encoder.bias, self.k
+        """(top_acts, top_indices, pre_acts) of `x` [N, d_in]; pre_acts before the ReLU."""
+        return _TopKEncoder.apply(
+            x.to(self.dtype), self.b_dec, self.encoder.weight, self.encoder.bias, self.k
         )
-        return top_acts, top_indices, pre_acts
 
     def encode(self, x: Tensor) -> EncoderOutput:
         """The k active latents of each row of `x` ([..., d_in])."""
@@ -154,11 +212,10 @@ class TopKSAE(
 
     def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
         """Sum of the active decoder rows (an `embedding_bag`, never a dense product) plus b_dec."""
-        flat = F.embedding_bag(
+        flat = _Decode.apply(
+            top_acts.reshape(-1, top_acts.shape[-1]).to(self.dtype),
             top_indices.reshape(-1, top_indices.shape[-1]),
             self.W_dec,
-            per_sample_weights=top_acts.reshape(-1, top_acts.shape[-1]).to(self.dtype),
-            mode="sum",
         )
         return (flat + self.b_dec).reshape(*top_acts.shape[:-1], self.d_in)
 
@@ -167,10 +224,7 @@ class TopKSAE(
     ) -> ForwardOutput:
         """Encode, decode and score a batch `x` [N, d_in]; AuxK loss over `dead_mask` [d_sae] latents."""
         x = x.to(self.dtype)
-        sae_in = x - self.b_dec
-        top_acts, top_indices, pre_acts = _TopKEncoder.apply(
-            sae_in, self.encoder.weight, self.encoder.bias, self.k
-        )
+        top_acts, top_indices, pre_acts = self._pre_and_top(x)
         x_hat = self.decode(top_acts, top_indices)
         residual = x - x_hat
         total_variance = (x - x.mean(0)).pow(2).sum()
@@ -182,17 +236,32 @@ class TopKSAE(
             k_aux = min(k_aux or self.d_in // 2, dead.numel())
             auxk_loss = x.new_zeros(())
             if k_aux > 0:
-                _, local = pre_acts[:, dead].topk(k_aux, dim=-1, sorted=False)
-                aux_indices = dead[local]
-                aux_acts = _SelectedEncoder.apply(
-                    sae_in, self.encoder.weight, self.encoder.bias, pre_acts, aux_indices
-                )
-                # The aux latents predict the residual, which has no b_dec in it: decode without it.
-                residual_hat = F.embedding_bag(
-                    aux_indices, self.W_dec, per_sample_weights=aux_acts, mode="sum"
-                )
-                auxk_loss = (residual_hat - residual.detach()).pow(2).sum() / total_variance
+                residual_hat = self._aux_decode(x, pre_acts, dead, k_aux)
+                # Normalised by the residual's own variance (Gao et al.): measured against the
+                # total variance the term fades as FVU drops and dead latents stay dead.
+                e = residual.detach()
+                auxk_loss = (residual_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
         return ForwardOutput(x_hat, EncoderOutput(top_acts, top_indices), fvu, auxk_loss)
+
+    def _aux_decode(self, x: Tensor, pre_acts: Tensor, dead: Tensor, k_aux: int) -> Tensor:
+        """The residual as the k_aux most active dead latents of each token decode it.
+
+        No b_dec: the residual has none. When there are few dead latents (at most 2 d_in) most of
+        the [N, n_dead] block is selected, and GEMMs over it beat gathering k_aux rows per token.
+        """
+        pre_dead = pre_acts[:, dead]
+        _, local = pre_dead.topk(k_aux, dim=-1, sorted=False)
+        weight, bias = self.encoder.weight, self.encoder.bias
+        if dead.numel() > 2 * self.d_in:
+            indices = dead[local]
+            acts = _SelectedEncoder.apply(x, self.b_dec, weight, bias, pre_acts, indices)
+            return _Decode.apply(acts, indices, self.W_dec)
+        selected = torch.zeros_like(pre_dead).scatter_(1, local, 1.0)
+        weight = weight.index_select(0, dead)
+        # (x - b_dec) W^T + b = x W^T + (b - W b_dec): b_dec's gradient is then a matrix-vector
+        # product rather than an [N, n_dead] x [n_dead, d_in] one.
+        pre = F.linear(x, weight, bias.index_select(0, dead) - weight @ self.b_dec)
+        return (pre.relu() * selected) @ self.W_dec.index_select(0, dead)
 
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self) -> None:
@@ -205,8 +274,10 @@ class TopKSAE(
         """Project out the part of W_dec's gradient that would change the (unit) row norms."""
         if self.W_dec.grad is None:
             return
-        parallel = (self.W_dec.grad * self.W_dec.data).sum(dim=1, keepdim=True)
-        self.W_dec.grad -= parallel * self.W_dec.data
+        # In place and without a [d_sae, d_in] temporary: at d_in 4096 each fresh one costs more
+        # (page faults) than the arithmetic.
+        parallel = torch.einsum("ij,ij->i", self.W_dec.grad, self.W_dec.data)
+        self.W_dec.grad.addcmul_(parallel.unsqueeze(1), self.W_dec.data, value=-1.0)
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:

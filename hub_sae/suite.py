@@ -15,6 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
+from hub_sae.features import FEATURES_FILE, FeatureStats, save_features
 from hub_sae.sae import TopKSAE
 
 SUITE_FILE = "suite.json"
@@ -45,6 +46,7 @@ def save_suite(
     saes: dict[tuple[int, int], TopKSAE],
     metrics: dict[tuple[int, int], dict],
     info: dict,
+    features: dict[tuple[int, int], FeatureStats] | None = None,
 ) -> Path:
     """Write a complete suite to `out_dir`, replacing any previous one only once it is complete."""
     out_dir = Path(out_dir)
@@ -59,6 +61,9 @@ def save_suite(
         (folder / "README.md").write_text(f"Layer {layer}, k={k}: see the suite's README.md.\n")
         sae.save_pretrained(folder)
         write_json(folder / "metrics.json", metrics.get((layer, k), {}))
+        if features and (layer, k) in features:
+            meta = {"policy": str(info.get("policy")), "base_model": str(info.get("base_model"))}
+            save_features(folder / FEATURES_FILE, features[layer, k], meta)
     suite = {
         **info,
         "layers": layers,

@@ -17,7 +17,8 @@ def reference(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor | None = None, k
         d = dead.nonzero().squeeze(-1)
         aux_acts, aux_idx = pre[:, d].topk(k_aux)
         z_aux = torch.zeros_like(pre).scatter(1, d[aux_idx], aux_acts)
-        loss = loss + (z_aux @ sae.W_dec - (x - x_hat).detach()).pow(2).sum() / total
+        e = (x - x_hat).detach()
+        loss = loss + (z_aux @ sae.W_dec - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
     return z, x_hat, loss
 
 

@@ -21,8 +21,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hub_sae.activations import harvest
-from hub_sae.data import DataConfig, token_batches
+from hub_sae.data import DataConfig, iter_texts, token_batches
 from hub_sae.evaluate import evaluate_suite
+from hub_sae.features import collect_features
 from hub_sae.masking import Corruption, check_policy
 from hub_sae.models import BaseModel, load_base_model
 from hub_sae.sae import TopKSAE
@@ -49,7 +50,7 @@ class TrainConfig:
     total_tokens: int = field(default=300_000, metadata={"help": "activations each SAE trains on (all ranks)"})
     sae_batch_size: int = 1024
     buffer_tokens: int = field(default=16_384, metadata={"help": "shuffle buffer size, in activations"})
-    lr: float = 1e-3
+    lr: float = 2e-3
     beta1: float = 0.9
     beta2: float = 0.999
     warmup_steps: int = 50
@@ -60,7 +61,10 @@ class TrainConfig:
     dead_tokens: int = field(default=50_000, metadata={"help": "a latent not firing for this many tokens is dead"})
     scale_batches: int = field(default=4, metadata={"help": "LLM batches used to estimate the input scale"})
     checkpoint_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: none)"})
-    eval_tokens: int = field(default=16_384, metadata={"help": "held-out activations for the final metrics"})
+    eval_tokens: int = field(default=65_536, metadata={"help": "held-out activations for the final metrics"})
+    eval_corpus: str | None = field(default=None, metadata={"help": "held-out corpus (default: corpus)"})
+    eval_split: str = field(default="heldout", metadata={"help": "its split: 'heldout' for pydoc and local files, e.g. 'test' for HF datasets"})
+    feature_tokens: int = field(default=32_768, metadata={"help": "training activations scanned for each latent's top contexts (0: skip)"})
     output_dir: str = "runs"
     seed: int = 0
     log_every: int = 10
@@ -89,6 +93,8 @@ class TrainConfig:
             raise ValueError(f"ctx_len {self.ctx_len} exceeds {self.model}'s maximum of {base.max_length} tokens.")
         if self.buffer_tokens < 2 * self.sae_batch_size:
             raise ValueError(f"buffer_tokens ({self.buffer_tokens}) must be >= 2 * sae_batch_size ({self.sae_batch_size}).")
+        for split in ("train", "heldout"):  # a missing local corpus or empty split fails here
+            iter_texts(self.data(split))
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, not {self.dtype!r}.")
 
@@ -96,9 +102,11 @@ class TrainConfig:
         return self.d_sae or self.expansion_factor * d_model
 
     def data(self, split: str = "train", seed: int | None = None) -> DataConfig:
+        """The training text, or with split="heldout" the evaluation text."""
+        heldout = split == "heldout"
         return DataConfig(
-            corpus=self.corpus,
-            split=split,
+            corpus=(self.eval_corpus or self.corpus) if heldout else self.corpus,
+            split=self.eval_split if heldout else split,
             text_field=self.text_field,
             ctx_len=self.ctx_len,
             batch_size=self.llm_batch_size,
@@ -384,8 +392,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
         if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < total_steps:
             save_checkpoint(accelerator, cfg, model, optimizer, scheduler, state, stream, since_fired)
     bar.close()
-    accelerator.wait_for_everyone()
     train_seconds = time.perf_counter() - started
+    # DDP keeps every rank's SAEs identical; record each rank's checksum so a run proves it.
+    checksum = torch.stack([p.detach().double().sum() for p in saes.parameters()]).sum()
+    rank_checksums = accelerator.gather(checksum[None].to(accelerator.device)).tolist()
 
     out_dir = None
     if accelerator.is_main_process:
@@ -396,6 +406,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
                 sae.fold_input_scale(state.scale[i])
                 final[layer, k] = sae.cpu().eval()
         metrics = evaluate_suite(base, final, cfg.policy, cfg.corruption, cfg.data("heldout"), cfg.eval_tokens, seed=cfg.seed)
+        features = None
+        if cfg.feature_tokens:
+            features = collect_features(base, final, cfg.policy, cfg.corruption, cfg.data(), cfg.feature_tokens, seed=cfg.seed)
         for (layer, k), m in metrics.items():
             m["train_dead_share"] = (since_fired[SAESet.name(layer, k)] > cfg.dead_tokens).float().mean().item()
             m["input_scale"] = state.scale[cfg.layers.index(layer)]
@@ -406,9 +419,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
             "d_in": base.d_model,
             "d_sae": cfg.latents(base.d_model),
             "corruption": {"schedule": cfg.schedule, "t_min": cfg.t_min, "t_max": cfg.t_max},
-            "training": {**asdict(cfg), "steps": state.step, "tokens": state.tokens, "processes": accelerator.num_processes, "train_seconds": round(train_seconds, 1)},
+            "training": {**asdict(cfg), "steps": state.step, "tokens": state.tokens, "processes": accelerator.num_processes, "rank_checksums": rank_checksums, "train_seconds": round(train_seconds, 1)},
         }
-        out_dir = save_suite(Path(cfg.output_dir) / cfg.name, final, metrics, info)
+        out_dir = save_suite(Path(cfg.output_dir) / cfg.name, final, metrics, info, features)
         shutil.rmtree(checkpoint_root(cfg), ignore_errors=True)
         accelerator.print(summary_table(metrics))
         accelerator.print(f"suite written to {out_dir}")

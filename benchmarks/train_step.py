@@ -1,0 +1,360 @@
+"""Tokens/s of one TopK SAE training step: hub-sae vs eai-sparsify vs SAELens, same data, CPU.
+
+Every library trains its own TopK SAE (same d_in, d_sae, k, batch, Adam, learning rate, b_dec
+initialised to the mean of the first batch) on the SAME cached activations: round r gives batch r
+to each library in turn, so drift in machine load hits them alike. One step is
+
+    forward + AuxK  ->  backward  ->  decoder-gradient projection  ->  Adam step  ->  decoder renorm
+
+as each library's own trainer does it: sparsify and hub-sae project the decoder gradient and keep
+unit-norm decoder rows; SAELens's TopK training SAE does neither (it divides by the decoder norms
+in the forward instead, `rescale_acts_by_decoder_norm`). AuxK (alpha 1/32, k_aux = d_in / 2) runs
+every step over a fixed mask of "dead" latents (a random DEAD_SHARE of them, the same mask for all),
+so each step pays what a step with dead latents costs. Gradient clipping is left out for all.
+
+The floor is one dense encoder GEMM of the batch (x @ W_enc.T), timed in the same rounds. Each
+time is the median over the timed rounds (the first WARMUP rounds train but are not timed); FVU is
+measured on held-out activations after all rounds, i.e. after the same number of tokens.
+
+Data: synthetic activations of realistic shape (a sparse sum of unit atoms with Zipf frequencies
+and log-normal magnitudes, a shared offset and 5 % Gaussian noise), plus real MiniLM layer-3
+activations under the mask policy (the embedded model and corpus). The references are the optional
+`bench` extra (`pip install -e '.[bench]'`); a missing one is reported and skipped.
+
+    python benchmarks/train_step.py            # all cases
+    python benchmarks/train_step.py --small    # d_in 384 only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hub_sae.sae import TopKSAE
+
+BATCH = 1024
+LR = 1e-3
+AUXK_ALPHA = 1 / 32
+DEAD_SHARE = 0.1
+EVAL_TOKENS = 4096
+THREADS = 2
+RESULTS = Path(__file__).parent / "results" / "train_step.json"
+TARGETS = {"vs_sparsify": 1.3, "vs_saelens": 3.0, "step_over_floor": 2.0}
+
+
+@dataclass(frozen=True)
+class Case:
+    data: str
+    """'synthetic' or 'minilm' (real layer-3 activations, mask policy)."""
+    d_in: int
+    expansion: int
+    k: int
+    rounds: int
+    """Training steps each library takes; all but the first WARMUP are timed."""
+    warmup: int = 2
+
+    @property
+    def d_sae(self) -> int:
+        return self.d_in * self.expansion
+
+
+SMALL = [
+    Case("synthetic", 384, 8, 32, 64),
+    Case("synthetic", 384, 8, 160, 64),
+    Case("synthetic", 384, 32, 32, 32),
+    Case("synthetic", 384, 32, 160, 32),
+    Case("minilm", 384, 8, 32, 64),
+]
+# d_in 4096: 8x latents only (32x needs ~17 GB of weights, gradients and Adam state per library,
+# three libraries do not fit in 24 GB, and one GEMM floor alone takes ~15 s on two cores).
+LARGE = [Case("synthetic", 4096, 8, 32, 6, 1), Case("synthetic", 4096, 8, 160, 6, 1)]
+
+
+class Runner(NamedTuple):
+    step: Callable[[Tensor], None]
+    """One full training step on a batch."""
+    reconstruct: Callable[[Tensor], Tensor]
+    """The SAE's reconstruction of a batch (no grad)."""
+
+
+def adam(params) -> torch.optim.Optimizer:
+    """The same optimizer for every library: Adam with the fused CPU kernel (one pass per tensor)."""
+    return torch.optim.Adam(params, lr=LR, betas=(0.9, 0.999), fused=True)
+
+
+def hub_runner(case: Case, dead: Tensor, b_dec: Tensor) -> Runner:
+    sae = TopKSAE(case.d_in, case.d_sae, case.k)
+    sae.b_dec.data.copy_(b_dec)
+    optimizer = adam(sae.parameters())
+
+    def step(x: Tensor) -> None:
+        out = sae(x, dead_mask=dead)
+        (out.fvu + AUXK_ALPHA * out.auxk_loss).backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sae.set_decoder_norm_to_unit_norm()
+
+    return Runner(step, lambda x: sae(x).reconstruction)
+
+
+def sparsify_runner(case: Case, dead: Tensor, b_dec: Tensor) -> Runner:
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    sae = SparseCoder(case.d_in, SparseCoderConfig(num_latents=case.d_sae, k=case.k))
+    sae.b_dec.data.copy_(b_dec)
+    optimizer = adam(sae.parameters())
+
+    def step(x: Tensor) -> None:
+        # sparsify.Trainer's order: renorm, forward, backward, project, step.
+        sae.set_decoder_norm_to_unit_norm()
+        out = sae(x, dead_mask=dead)
+        (out.fvu + AUXK_ALPHA * out.auxk_loss).backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return Runner(step, lambda x: sae(x).sae_out)
+
+
+def saelens_runner(case: Case, dead: Tensor, b_dec: Tensor) -> Runner:
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.saes.sae import TrainStepInput
+
+    cfg = TopKTrainingSAEConfig(
+        d_in=case.d_in, d_sae=case.d_sae, k=case.k, aux_loss_coefficient=AUXK_ALPHA
+    )
+    sae = TopKTrainingSAE(cfg)
+    sae.b_dec.data.copy_(b_dec)
+    optimizer = adam(sae.parameters())
+
+    def step(x: Tensor) -> None:
+        # sae_lens.SAETrainer._train_step without its bookkeeping and gradient clipping.
+        step_input = TrainStepInput(
+            sae_in=x,
+            coefficients={},
+            dead_neuron_mask=dead,
+            n_training_steps=0,
+            is_logging_step=False,
+        )
+        sae.training_forward_pass(step_input).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return Runner(step, lambda x: sae.decode(sae.encode(x)))
+
+
+REFERENCES: dict[str, Callable[[Case, Tensor, Tensor], Runner]] = {
+    "sparsify": sparsify_runner,
+    "saelens": saelens_runner,
+}
+PACKAGES = {"sparsify": "eai-sparsify", "saelens": "sae-lens"}
+
+
+def missing_references() -> dict[str, str]:
+    """{name: why} for each reference that cannot be imported."""
+    missing = {}
+    for name, module in (("sparsify", "sparsify"), ("saelens", "sae_lens")):
+        try:
+            __import__(module)
+        except Exception as error:  # an ImportError, or a broken install
+            missing[name] = f"{PACKAGES[name]} not importable ({error!r}); pip install -e '.[bench]'"
+    return missing
+
+
+def synthetic(case: Case, n_tokens: int, seed: int) -> Tensor:
+    """[n_tokens, d_in]: 48 of d_sae unit atoms per token (Zipf frequencies, log-normal
+    magnitudes) plus a shared offset and Gaussian noise at 5 % of the signal's variance."""
+    generator = torch.Generator().manual_seed(0)
+    atoms = F.normalize(torch.randn(case.d_sae, case.d_in, generator=generator), dim=1)
+    offset = 2 * torch.randn(case.d_in, generator=generator) / case.d_in**0.5
+    freq = 1 / torch.arange(10, case.d_sae + 10, dtype=torch.float) ** 0.8
+    generator.manual_seed(seed)
+    out = torch.empty(n_tokens, case.d_in)
+    for start in range(0, n_tokens, BATCH):
+        n = min(BATCH, n_tokens - start)
+        idx = torch.multinomial(freq.expand(n, -1), 48, generator=generator)
+        mags = torch.exp(0.5 * torch.randn(n, 48, generator=generator))
+        signal = F.embedding_bag(idx, atoms, per_sample_weights=mags, mode="sum")
+        noise = torch.randn(n, case.d_in, generator=generator)
+        out[start : start + n] = signal + offset + 0.05**0.5 * signal.std() * noise
+    return out
+
+
+def minilm(n_tokens: int, split: str) -> Tensor:
+    """[n_tokens, 384] MiniLM layer-3 resid_post at masked positions (mask policy), pydoc text."""
+    from hub_sae.activations import harvest
+    from hub_sae.data import DataConfig, token_batches
+    from hub_sae.models.hf import load_hf
+
+    base = load_hf("minilm")
+    generator = torch.Generator().manual_seed(0)
+    parts: list[Tensor] = []
+    n, epoch = 0, 0
+    with torch.no_grad():
+        while n < n_tokens:
+            data = DataConfig(split=split, seed=epoch)
+            for ids, mask in token_batches(data, base.tokenizer, base.bos_token_id, base.eos_token_id):
+                parts.append(harvest(base, ids, mask, [3], "mask", generator=generator).acts[3])
+                n += len(parts[-1])
+                if n >= n_tokens:
+                    break
+            epoch += 1
+    return torch.cat(parts)[:n_tokens].float()
+
+
+def activations(case: Case) -> tuple[Tensor, Tensor]:
+    """(train [rounds * BATCH, d_in], held-out [EVAL_TOKENS, d_in]), scaled to mean ||x||^2 = d_in."""
+    n = case.rounds * BATCH
+    if case.data == "minilm":
+        train, heldout = minilm(n, "train"), minilm(EVAL_TOKENS, "heldout")
+    else:
+        train, heldout = synthetic(case, n, seed=1), synthetic(case, EVAL_TOKENS, seed=2)
+    scale = (train[:BATCH].pow(2).sum(-1).mean() / case.d_in).sqrt()
+    return train / scale, heldout / scale
+
+
+@torch.no_grad()
+def fvu(reconstruct: Callable[[Tensor], Tensor], x: Tensor) -> float:
+    residual = sum((x[i : i + BATCH] - reconstruct(x[i : i + BATCH])).pow(2).sum() for i in range(0, len(x), BATCH))
+    return float(residual / (x - x.mean(0)).pow(2).sum())
+
+
+def bench_case(case: Case, skip: dict[str, str]) -> dict[str, object]:
+    """Train every available library for case.rounds steps in alternation; times and FVUs."""
+    train, heldout = activations(case)
+    batches = train.split(BATCH)
+    dead = torch.rand(case.d_sae, generator=torch.Generator().manual_seed(3)) < DEAD_SHARE
+    b_dec = batches[0].mean(0)
+    runners: dict[str, Runner] = {}
+    errors: dict[str, str] = {}
+    for name, make in {"hub_sae": hub_runner, **REFERENCES}.items():
+        if name in skip:
+            continue
+        torch.manual_seed(0)
+        try:
+            runners[name] = make(case, dead, b_dec)
+        except Exception:
+            if name == "hub_sae":
+                raise
+            errors[name] = traceback.format_exc(limit=1).strip().splitlines()[-1]
+    weight = torch.randn(case.d_sae, case.d_in) / case.d_in**0.5
+
+    times: dict[str, list[float]] = {name: [] for name in [*runners, "floor"]}
+    for r, x in enumerate(batches):
+        for name, runner in runners.items():
+            start = time.perf_counter()
+            runner.step(x)
+            elapsed = time.perf_counter() - start
+            if r >= case.warmup:
+                times[name].append(elapsed)
+        start = time.perf_counter()
+        F.linear(x, weight)
+        if r >= case.warmup:
+            times["floor"].append(time.perf_counter() - start)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    libraries = {
+        name: {
+            "step_ms": 1e3 * med[name],
+            "tokens_per_s": BATCH / med[name],
+            "fvu": fvu(runner.reconstruct, heldout),
+            "step_over_floor": med[name] / med["floor"],
+        }
+        for name, runner in runners.items()
+    }
+    ratios = {f"vs_{name}": med[name] / med["hub_sae"] for name in runners if name != "hub_sae"}
+    return {
+        **asdict(case),
+        "d_sae": case.d_sae,
+        "tokens": len(batches) * BATCH,
+        "timed_rounds": len(times["floor"]),
+        "floor_ms": 1e3 * med["floor"],
+        "libraries": libraries,
+        "speedup": ratios,
+        "failed": errors,
+    }
+
+
+def table(results: list[dict]) -> str:
+    names = ["hub_sae", "sparsify", "saelens"]
+    head = "| data | d_in | d_sae | k | tokens | floor ms |"
+    head += "".join(f" {n} ms | {n} FVU |" for n in names)
+    head += " hub / floor | vs sparsify | vs saelens |"
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        libs, speed = r["libraries"], r["speedup"]
+        cells = [r["data"], r["d_in"], r["d_sae"], r["k"], r["tokens"], f"{r['floor_ms']:.1f}"]
+        for n in names:
+            lib = libs.get(n)
+            cells += [f"{lib['step_ms']:.1f}", f"{lib['fvu']:.3f}"] if lib else ["-", "-"]
+        cells.append(f"{libs['hub_sae']['step_over_floor']:.2f}")
+        cells += [f"{speed[f'vs_{n}']:.2f}x" if f"vs_{n}" in speed else "-" for n in names[1:]]
+        rows.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--small", action="store_true", help="d_in 384 cases only")
+    parser.add_argument("--only", choices=["hub_sae"], help="run hub-sae alone")
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    skip = missing_references()
+    for name, why in skip.items():
+        print(f"reference {name} skipped: {why}")
+    if args.only:
+        skip.update({name: "--only hub_sae" for name in REFERENCES})
+    cases = SMALL if args.small else SMALL + LARGE
+    results = []
+    for case in cases:
+        print(f"{case} ...", flush=True)
+        results.append(bench_case(case, skip))
+        print(table(results[-1:]), flush=True)
+    print(f"\nTopK SAE train step, batch {BATCH}, Adam lr {LR}, CPU {THREADS} threads, torch {torch.__version__}")
+    print(table(results))
+    versions = {"torch": torch.__version__}
+    for name, module in (("sparsify", "sparsify"), ("saelens", "sae_lens")):
+        if name not in skip:
+            from importlib.metadata import version
+
+            versions[name] = version(PACKAGES[name])
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "batch": BATCH,
+                "lr": LR,
+                "auxk_alpha": AUXK_ALPHA,
+                "dead_share": DEAD_SHARE,
+                "eval_tokens": EVAL_TOKENS,
+                "threads": torch.get_num_threads(),
+                "versions": versions,
+                "skipped": skip,
+                "targets": TARGETS,
+                "results": results,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""The `hub-sae` command: evaluate a suite, write its model card, push it to the Hub.
+
+    hub-sae eval SUITE [--max-tokens N] [--device D]       layer_{L}/metrics.json + metrics.json
+    hub-sae card SUITE [--repo-id ID]                       README.md + the FVU plot
+    hub-sae card --release CONFIG --metrics JSON --out DIR  a release's card from reported metrics
+    hub-sae push SUITE --repo-id ID [--private] [--dry-run] one commit with the whole suite
+
+SUITE is a suite folder, or (eval, card) a hub repo id downloaded with snapshot_download.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def resolve_suite(suite: str, local_dir: str | None = None, revision: str | None = None) -> Path:
+    """A local suite folder, downloading hub repo `suite` into `local_dir` (default ./NAME) first."""
+    path = Path(suite).expanduser()
+    if path.is_dir():
+        return path
+    if not REPO_ID.fullmatch(suite):
+        raise FileNotFoundError(
+            f"{suite} is neither a suite folder nor a hub repo id (owner/name)."
+        )
+    from huggingface_hub import snapshot_download
+
+    target = Path(local_dir or suite.split("/")[-1])
+    return Path(snapshot_download(suite, revision=revision, local_dir=target))
+
+
+def evaluate_saved_suite(
+    root: Path,
+    max_tokens: int | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+    corpus: str | None = None,
+    split: str = "heldout",
+    seed: int = 0,
+) -> dict[tuple[int, int], dict]:
+    """Re-measure every SAE of a suite on held-out text under its policy and corruption.
+
+    Writes each layer's metrics.json (keys not measured here, e.g. `train_dead_share`, are kept)
+    and the summary metrics.json at the root; returns the metrics per (layer, k).
+    """
+    import torch
+
+    from hub_sae.cards import METRICS, SUMMARY_FILE
+    from hub_sae.data import DataConfig
+    from hub_sae.evaluate import evaluate_suite
+    from hub_sae.masking import Corruption
+    from hub_sae.models import load_base_model
+    from hub_sae.sae import TopKSAE
+    from hub_sae.suite import SUITE_FILE, layer_folders, read_suite, write_json
+
+    suite = read_suite(root)
+    run = suite.get("training", {})
+    if "corruption" not in suite:
+        raise ValueError(f"{root / SUITE_FILE} has no `corruption` block; re-train with hub-sae.")
+    data = DataConfig(
+        corpus=corpus or run.get("corpus", "pydoc"),
+        split=split,
+        text_field=run.get("text_field", "text"),
+        ctx_len=run.get("ctx_len", 128),
+        batch_size=run.get("llm_batch_size", 8),
+        seed=seed,
+    )
+    dtype = dtype or run.get("dtype", "float32")
+    max_tokens = max_tokens or run.get("eval_tokens", 16_384)
+    base = load_base_model(suite["base_model"], dtype=getattr(torch, dtype), device=device)
+    folders = layer_folders(root)
+    saes = {
+        key: TopKSAE.from_pretrained(folder, device=device).eval()
+        for key, folder in folders.items()
+    }
+    corruption = Corruption(**suite["corruption"])
+    metrics = evaluate_suite(base, saes, suite["policy"], corruption, data, max_tokens, seed=seed)
+    for key, values in metrics.items():
+        path = folders[key] / "metrics.json"
+        previous = json.loads(path.read_text()) if path.is_file() else {}
+        write_json(path, {**previous, **values})
+    settings = {
+        "corpus": data.corpus,
+        "split": data.split,
+        "ctx_len": data.ctx_len,
+        "batch_size": data.batch_size,
+        "max_tokens": max_tokens,
+        "seed": seed,
+        "policy": suite["policy"],
+        "corruption": suite["corruption"],
+        "dtype": dtype,
+        "device": str(device),
+    }
+    results = [
+        {
+            "folder": folders[key].relative_to(root).as_posix(),
+            "layer": key[0],
+            "k": key[1],
+            "tokens": values["tokens"],
+            **{m.key: values[m.key] for m in METRICS if m.key in values},
+        }
+        for key, values in sorted(metrics.items())
+    ]
+    write_json(root / SUMMARY_FILE, {"eval": settings, "results": results})
+    return metrics
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from hub_sae.cards import SUMMARY_FILE, metric_table
+
+    root = resolve_suite(args.suite, args.local_dir, args.revision)
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    metrics = evaluate_saved_suite(
+        root, args.max_tokens, device, args.dtype, args.corpus, args.split, args.seed
+    )
+    print(metric_table(metrics))
+    print(f"wrote {len(metrics)} metrics.json files and {root / SUMMARY_FILE}")
+    return 0
+
+
+def _card(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from hub_sae.cards import PLOT_FILE, release_spec, suite_spec, write_card
+
+    if args.release:
+        if args.suite or not (args.metrics and args.out):
+            parser.error("card --release CONFIG needs --metrics JSON and --out DIR, and no SUITE")
+        spec = release_spec(args.release, args.metrics, args.repo_id)
+        out = Path(args.out)
+    elif args.suite:
+        out = resolve_suite(args.suite, args.local_dir, args.revision)
+        spec = suite_spec(out, args.repo_id)
+    else:
+        parser.error("card needs SUITE, or --release CONFIG --metrics JSON --out DIR")
+    if args.license:
+        spec.license = args.license
+    path = write_card(spec, out, args.template)
+    print(f"wrote {path} and {out / PLOT_FILE} (for {spec.repo_id})")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from hub_sae.publish import check_publishable, format_file_list, push_suite
+
+    root = Path(args.suite)
+    if args.dry_run:
+        files = check_publishable(root, args.repo_id)
+        visibility = "private" if args.private else "public"
+        print(
+            f"dry run: would push {len(files)} files to {args.repo_id} ({visibility}) in one commit"
+        )
+        print(format_file_list(files))
+        return 0
+    info = push_suite(root, args.repo_id, args.private, args.token, args.message)
+    print(f"pushed {root} to {args.repo_id} in one commit: {info.commit_url}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hub-sae", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    ev = commands.add_parser("eval", help="re-measure a suite's metrics on held-out text")
+    ev.add_argument("suite", help="suite folder or hub repo id")
+    ev.add_argument(
+        "--max-tokens", type=int, help="activations per SAE (default: the run's eval_tokens)"
+    )
+    ev.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)"
+    )
+    ev.add_argument("--dtype", help="base-model dtype (default: the run's dtype)")
+    ev.add_argument("--corpus", help="held-out corpus (default: the run's corpus)")
+    ev.add_argument(
+        "--split", default="heldout", help="corpus split (HF datasets: e.g. validation)"
+    )
+    ev.add_argument("--seed", type=int, default=0, help="seed of the document order and the masks")
+
+    card = commands.add_parser("card", help="write README.md (model card) and the FVU plot")
+    card.add_argument("suite", nargs="?", help="suite folder or hub repo id")
+    card.add_argument("--repo-id", help="repo the card is for (default: the suite folder's name)")
+    card.add_argument("--release", metavar="CONFIG", help="training YAML of a release")
+    card.add_argument("--metrics", metavar="JSON", help="reported metrics of the release")
+    card.add_argument("--out", metavar="DIR", help="folder for the release's card")
+    card.add_argument("--license", help="license of the SAE weights (default: apache-2.0)")
+    card.add_argument("--template", help="Jinja card template (default: model_cards/template.md)")
+
+    for sub in (ev, card):
+        sub.add_argument("--revision", help="hub revision, when SUITE is a repo id")
+        sub.add_argument(
+            "--local-dir", help="download folder, when SUITE is a repo id (default: ./NAME)"
+        )
+
+    push = commands.add_parser("push", help="upload a complete suite in one commit")
+    push.add_argument("suite", help="suite folder")
+    push.add_argument("--repo-id", required=True, help="target repo, owner/name")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument(
+        "--dry-run", action="store_true", help="list the files and sizes; upload nothing"
+    )
+    push.add_argument("--token", help="hub token (default: the logged-in one)")
+    push.add_argument("--message", help="commit message")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "card" and args.template is None:
+        from hub_sae.cards import TEMPLATE
+
+        args.template = TEMPLATE
+    try:
+        if args.command == "eval":
+            return _eval(args)
+        if args.command == "card":
+            return _card(args, parser)
+        return _push(args)
+    except (OSError, ValueError) as e:
+        print(f"hub-sae: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

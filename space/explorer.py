@@ -1,0 +1,423 @@
+"""What the Space computes, without Gradio: load a suite once, analyse prompts, describe features.
+
+A prompt is tokenised (BOS first), masked where the user typed the model's mask token and, if
+asked, at random with a seeded `corrupt`; the suite's policy then picks the analysed positions.
+One forward that stops after the deepest hooked block feeds every layer's SAE.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import NamedTuple
+
+import pandas as pd
+import torch
+from diffusion import Decoding, Steering, denoise, vocab_limit
+from torch import Tensor, nn
+
+from hub_sae.activations import capture
+from hub_sae.features import FEATURES_FILE, FeatureStats, load_features
+from hub_sae.masking import Corruption, corrupt, select_positions
+from hub_sae.models import BaseModel, load_base_model
+from hub_sae.sae import EncoderOutput, TopKSAE
+from hub_sae.suite import SUITE_FILE, read_suite, sae_folder
+
+LLADA_SUITE = "AwesomeInterpretability/llada-mask-topk-sae"
+"""The published DLM-Scope suite, loaded when neither HUB_SAE_SUITE nor a local run is there."""
+MAX_TOKENS = 256
+CACHE_SIZE = 32
+
+
+class InputError(ValueError):
+    """A problem with what the user typed; the app shows the message."""
+
+
+def default_suite(runs: Path | str = "runs") -> str:
+    """HUB_SAE_SUITE, else the newest run under `runs/` with a suite.json, else the LLaDA suite."""
+    if os.environ.get("HUB_SAE_SUITE"):
+        return os.environ["HUB_SAE_SUITE"]
+    suites = sorted(Path(runs).glob(f"*/{SUITE_FILE}"), key=lambda p: p.stat().st_mtime)
+    return str(suites[-1].parent) if suites else LLADA_SUITE
+
+
+def suite_info(source: str) -> dict:
+    """suite.json of a local folder or hub repo; {} for layouts without one (dictionary_learning)."""
+    if Path(source).is_dir():
+        return read_suite(source) if (Path(source) / SUITE_FILE).is_file() else {}
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return read_suite(Path(hf_hub_download(source, SUITE_FILE)).parent)
+    except Exception:  # no suite.json in the repo, or offline: the SAE configs still say enough
+        return {}
+
+
+def suite_features(source: str, info: dict, sae: TopKSAE) -> FeatureStats | None:
+    """The SAE's features.safetensors from a local suite or hub repo, or None when it has none."""
+    if not info:
+        return None
+    name = f"{sae_folder(sae.layer, sae.k, info.get('ks', [sae.k]))}/{FEATURES_FILE}"
+    if Path(source).is_dir():
+        path = Path(source) / name
+        return load_features(path) if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return load_features(hf_hub_download(source, name))
+    except Exception:  # the suite was published without feature statistics
+        return None
+
+
+def unembed(base: BaseModel) -> nn.Module | None:
+    """The model's final norm + output head (residual -> logits), or None without an LM head."""
+    if not base.has_lm_head:
+        return None
+    transformer = getattr(getattr(base.model, "model", None), "transformer", None)
+    if transformer is not None and "ln_f" in transformer:  # native LLaDA
+        return nn.Sequential(transformer.ln_f, transformer.ff_out)
+    for name in ("cls", "lm_head"):  # BERT-style and RoBERTa-style masked-LM heads
+        if hasattr(base.model, name):
+            return getattr(base.model, name)
+    return base.model.get_output_embeddings()
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A tokenised prompt and the positions the suite's policy analyses."""
+
+    input_ids: Tensor
+    """[T] what the model reads: the mask token at every masked position."""
+    clean_ids: Tensor
+    """[T] the tokens as typed (random masking undone)."""
+    is_masked: Tensor
+    """[T] bool."""
+    analysed: Tensor
+    """[T] bool: the positions the policy selects (never position 0)."""
+    tokens: list[str]
+    """Display text of each position, its leading whitespace included."""
+
+
+class Analysis(NamedTuple):
+    prompt: Prompt
+    latents: dict[int, EncoderOutput]
+    """layer -> top_acts, top_indices [T, k] on the CPU; zeros where the policy does not look."""
+
+
+@dataclass
+class Explorer:
+    """A base model and its suite of SAEs (one per layer), loaded once and shared by all users."""
+
+    base: BaseModel
+    saes: dict[int, TopKSAE]
+    policy: str
+    features: dict[int, FeatureStats | None]
+    title: str
+    default_layer: int | None = None
+    max_tokens: int = MAX_TOKENS
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self.analyse = lru_cache(maxsize=CACHE_SIZE)(self._analyse)
+        self.head = unembed(self.base)
+        if self.default_layer not in self.saes:
+            self.default_layer = self.layers[len(self.layers) // 2]
+
+    @classmethod
+    def load(
+        cls, source: str | None = None, device: str | None = None, base_model: str | None = None
+    ) -> Explorer:
+        """Load a suite (local folder or hub id; default `default_suite()`) and its base model
+        (default: suite.json's base_model, else the SAE config's)."""
+        source = str(source or default_suite())
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        info = suite_info(source)
+        saes = {
+            layer: sae.eval().requires_grad_(False)
+            for layer, sae in TopKSAE.load_suite(source).items()
+        }
+        first = next(iter(saes.values()))
+        base_model = base_model or info.get("base_model") or first.base_model
+        if not base_model:
+            raise ValueError(f"{source} names no base model; pass one (--base-model)")
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        return cls(
+            base=load_base_model(base_model, dtype=dtype, device=device),
+            saes={layer: sae.to(device) for layer, sae in saes.items()},
+            policy=info.get("policy") or first.policy,
+            features={layer: suite_features(source, info, sae) for layer, sae in saes.items()},
+            title=Path(source).name if Path(source).is_dir() else source,
+            default_layer=info.get("default_layer"),
+        )
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.saes)
+
+    @property
+    def mask_text(self) -> str:
+        return self.base.tokenizer.convert_ids_to_tokens(self.base.mask_token_id)
+
+    def token_text(self, token_id: int) -> str:
+        """A single token as readable text (`<id>` for ids the tokenizer cannot write)."""
+        token = self.base.tokenizer.convert_ids_to_tokens(int(token_id))
+        return (
+            f"<{int(token_id)}>"
+            if token is None
+            else self.base.tokenizer.convert_tokens_to_string([token])
+        )
+
+    def header(self) -> str:
+        """Markdown naming the loaded model and suite."""
+        sae = self.saes[self.layers[0]]
+        return (
+            f"# Diffusion-LM SAE explorer\n"
+            f"**Suite** `{self.title}` · **base model** `{self.base.name}` · **policy** "
+            f"`{self.policy}` · **layers** {self.layers} · {sae.d_sae:,} latents, k = {sae.k}. "
+            f"Type `{self.mask_text}` where you want masked positions."
+        )
+
+    def tokenize(self, text: str) -> tuple[list[int], list[str]]:
+        """Token ids (BOS first) and the display text of each, leading whitespace included."""
+        if not text.strip():
+            raise InputError(f"Write a prompt first (type {self.mask_text} for masked positions).")
+        enc = self.base.tokenizer(text, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+        if not ids or ids[0] != self.base.bos_token_id:
+            ids, offsets = [self.base.bos_token_id, *ids], [(0, 0), *offsets]
+        if len(ids) > self.max_tokens:
+            raise InputError(
+                f"The prompt is {len(ids)} tokens long; this Space analyses at most "
+                f"{self.max_tokens}. Shorten it."
+            )
+        tokens, end = [], 0
+        for token_id, (start, stop) in zip(ids, offsets, strict=True):
+            if stop > start:
+                tokens.append(text[end:stop])
+                end = stop
+            else:  # special tokens added by the tokenizer
+                special = self.token_text(token_id)
+                tokens.append(f" {special}" if tokens else f"{special} ")
+        return ids, tokens
+
+    def prepare(self, text: str, ratio: float = 0.0, seed: int = 0) -> Prompt:
+        """Tokenise, mask (typed mask tokens + each token with probability `ratio`), select."""
+        if not 0.0 <= ratio <= 1.0:
+            raise InputError(f"The mask ratio must lie in [0, 1]; got {ratio}.")
+        ids, tokens = self.tokenize(text)
+        clean = torch.tensor(ids)
+        is_masked = clean == self.base.mask_token_id
+        is_masked[0] = False
+        if ratio > 0:
+            generator = torch.Generator().manual_seed(int(seed))
+            schedule = Corruption(t_min=ratio, t_max=ratio)
+            batch = corrupt(
+                clean[None], None, self.base.mask_token_id, self.policy, schedule, generator
+            )
+            random = batch.is_masked[0] & ~is_masked
+            is_masked |= random
+            tokens = [
+                f"{t[: len(t) - len(t.lstrip())]}{self.mask_text}({t.strip()})" if r else t
+                for t, r in zip(tokens, random.tolist(), strict=True)
+            ]
+        analysed = select_positions(is_masked[None], None, self.policy)[0]
+        masked_ids = clean.masked_fill(is_masked, self.base.mask_token_id)
+        return Prompt(masked_ids, clean, is_masked, analysed, tokens)
+
+    @torch.no_grad()
+    def _analyse(self, text: str, ratio: float = 0.0, seed: int = 0) -> Analysis:
+        """Every layer's SAE latents at the analysed positions, from one forward (cached)."""
+        prompt = self.prepare(text, ratio, seed)
+        if not prompt.analysed.any():
+            raise InputError(
+                f"No position to analyse: the suite's policy is {self.policy!r}. Type "
+                f"{self.mask_text} in the prompt or set a mask ratio above 0."
+            )
+        keep = prompt.analysed
+        with self.lock:  # hooks live on the shared model: one forward at a time
+            acts = capture(self.base, prompt.input_ids[None], None, self.layers, keep[None])
+        latents = {}
+        for layer, sae in self.saes.items():
+            enc = sae.encode(acts[layer])
+            top_acts = torch.zeros(len(keep), sae.k)
+            top_indices = torch.zeros(len(keep), sae.k, dtype=torch.long)
+            top_acts[keep], top_indices[keep] = enc.top_acts.float().cpu(), enc.top_indices.cpu()
+            latents[layer] = EncoderOutput(top_acts, top_indices)
+        return Analysis(prompt, latents)
+
+    def check_layer(self, layer: int) -> int:
+        if int(layer) not in self.saes:
+            raise InputError(f"No SAE for layer {layer}; this suite has layers {self.layers}.")
+        return int(layer)
+
+    def check_feature(self, layer: int, feature: int | float | None) -> int:
+        d_sae = self.saes[self.check_layer(layer)].d_sae
+        if feature is None or not 0 <= int(feature) < d_sae:
+            raise InputError(f"Pick a feature between 0 and {d_sae - 1}; got {feature}.")
+        return int(feature)
+
+    def feature_acts(self, analysis: Analysis, layer: int, feature: int) -> Tensor:
+        """[T] activation of `feature` at every position (0 where it is not among the top k)."""
+        enc = analysis.latents[self.check_layer(layer)]
+        return (enc.top_acts * (enc.top_indices == feature)).sum(-1)
+
+    def strongest(self, analysis: Analysis, layer: int) -> Tensor:
+        """[d_sae] largest activation of each feature over the analysed positions."""
+        enc = analysis.latents[self.check_layer(layer)]
+        keep = analysis.prompt.analysed
+        out = torch.zeros(self.saes[layer].d_sae)
+        return out.scatter_reduce(
+            0, enc.top_indices[keep].flatten(), enc.top_acts[keep].flatten(), "amax"
+        )
+
+    def default_feature(self, analysis: Analysis, layer: int) -> int:
+        """The feature with the largest activation on the analysed positions of the prompt."""
+        return int(self.strongest(analysis, layer).argmax())
+
+    def peak_position(self, analysis: Analysis, layer: int, feature: int) -> int:
+        """The analysed position where `feature` is strongest (the first analysed one if nowhere)."""
+        acts = self.feature_acts(analysis, layer, feature)
+        acts[~analysis.prompt.analysed] = -1.0
+        return int(acts.argmax())
+
+    def heat_map(
+        self, analysis: Analysis, layer: int, feature: int
+    ) -> list[tuple[str, float | None]]:
+        """(token, score in [-1, 1]) per position: activation / max |activation| over the analysed
+        positions; None at positions the policy does not analyse."""
+        acts = self.feature_acts(analysis, layer, self.check_feature(layer, feature))
+        analysed = analysis.prompt.analysed
+        scale = acts[analysed].abs().max().clamp_min(1e-12)
+        scores = (acts / scale).clamp(-1.0, 1.0).tolist()
+        return [
+            (token, round(score, 4) if keep else None)
+            for token, score, keep in zip(
+                analysis.prompt.tokens, scores, analysed.tolist(), strict=True
+            )
+        ]
+
+    def token_table(self, analysis: Analysis, layer: int, position: int) -> pd.DataFrame:
+        """The active features at one position, strongest first, with their firing frequency."""
+        position = int(position)
+        analysed = analysis.prompt.analysed.nonzero().flatten().tolist()
+        if position not in analysed:
+            raise InputError(
+                f"Token {position} is not analysed under the {self.policy!r} policy; "
+                f"pick one of {analysed}."
+            )
+        enc = analysis.latents[self.check_layer(layer)]
+        acts, indices = enc.top_acts[position], enc.top_indices[position]
+        order = acts.argsort(descending=True)
+        stats = self.features.get(layer)
+        rows = [
+            {
+                "feature": int(indices[i]),
+                "activation": round(float(acts[i]), 4),
+                "frequency %": None
+                if stats is None
+                else round(100 * float(stats.frequency[indices[i]]), 3),
+            }
+            for i in order
+            if acts[i] > 0
+        ]
+        return pd.DataFrame(rows, columns=["feature", "activation", "frequency %"])
+
+    def contexts(self, layer: int, feature: int) -> pd.DataFrame:
+        """The feature's top-activating contexts from the training corpus, centre token marked."""
+        stats = self.features.get(self.check_layer(layer))
+        columns = ["activation", "context", "seen as"]
+        if stats is None:
+            return pd.DataFrame([], columns=columns)
+        feature = self.check_feature(layer, feature)
+        w, rows = stats.window, []
+        for value, token, ids in zip(
+            stats.top_values[feature],
+            stats.top_tokens[feature],
+            stats.top_contexts[feature],
+            strict=True,
+        ):
+            if token < 0 or value <= 0:
+                continue
+            left = self.base.tokenizer.decode([i for i in ids[:w].tolist() if i >= 0])
+            right = self.base.tokenizer.decode([i for i in ids[w + 1 :].tolist() if i >= 0])
+            seen = "" if int(ids[w]) == int(token) else self.token_text(ids[w])
+            context = f"{left} ⟦{self.token_text(token).strip()}⟧ {right}"
+            rows.append({"activation": round(float(value), 4), "context": context, "seen as": seen})
+        return pd.DataFrame(rows, columns=columns)
+
+    @torch.no_grad()
+    def logit_lens(self, layer: int, feature: int, n: int = 10) -> pd.DataFrame:
+        """Tokens the feature's decoder direction promotes through the final norm + LM head."""
+        if self.head is None:
+            return pd.DataFrame([], columns=["token", "logit"])
+        sae = self.saes[self.check_layer(layer)]
+        direction = sae.W_dec[self.check_feature(layer, feature)]
+        param = next(self.head.parameters())
+        logits = self.head(direction.to(param.device, param.dtype)[None]).float()[0]
+        logits = logits[: vocab_limit(self.base)]
+        values, ids = logits.topk(min(n, len(logits)))
+        rows = [
+            {"token": self.token_text(i), "logit": round(float(v), 3)}
+            for v, i in zip(values, ids, strict=True)
+        ]
+        return pd.DataFrame(rows, columns=["token", "logit"])
+
+    def feature_summary(self, analysis: Analysis, layer: int, feature: int) -> str:
+        """Markdown: the feature's firing frequency and its peak on the prompt."""
+        feature = self.check_feature(layer, feature)
+        stats = self.features.get(layer)
+        lines = [f"### Feature {feature} · layer {layer}"]
+        if stats is None:
+            lines.append(
+                "No feature statistics (features.safetensors) were published for this layer."
+            )
+        else:
+            lines.append(
+                f"Fires on **{100 * float(stats.frequency[feature]):.3f} %** of {stats.tokens:,} "
+                f"`{self.policy}`-policy training positions."
+            )
+        peak = self.peak_position(analysis, layer, feature)
+        value = float(self.feature_acts(analysis, layer, feature)[peak])
+        lines.append(
+            f"On this prompt: max **{value:.3f}** at position {peak} "
+            f"(`{analysis.prompt.tokens[peak].strip()}`)."
+            if value > 0
+            else "Not active on the analysed positions of this prompt."
+        )
+        if self.head is None:
+            lines.append(f"Logit lens: `{self.base.name}` has no LM head.")
+        return "\n\n".join(lines)
+
+    def decode(
+        self, text: str, ratio: float, seed: int, layer: int, steps: int, steering: Steering
+    ) -> tuple[Prompt, Decoding, Decoding]:
+        """The prompt, its plain decoding and its decoding with one latent clamped."""
+        if self.head is None:
+            raise InputError(f"Decoding needs an LM head; {self.base.name} has none.")
+        prompt = self.prepare(text, ratio, seed)
+        if not prompt.is_masked.any():
+            raise InputError(
+                f"Nothing to decode: type {self.mask_text} or set a mask ratio above 0."
+            )
+        if not 1 <= int(steps) <= self.max_tokens:
+            raise InputError(f"Steps must lie between 1 and {self.max_tokens}; got {steps}.")
+        sae = self.saes[self.check_layer(layer)]
+        steering = Steering(self.check_feature(layer, steering.feature), float(steering.value))
+        runs = []
+        with self.lock:
+            for clamp in (None, steering):
+                runs.append(
+                    denoise(
+                        self.base,
+                        sae,
+                        prompt.input_ids,
+                        int(steps),
+                        self.policy,
+                        clamp,
+                        steering.feature,
+                    )
+                )
+        return prompt, runs[0], runs[1]

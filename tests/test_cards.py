@@ -1,0 +1,145 @@
+"""Model cards: valid metadata whose model-index matches metrics.json, a working load snippet, and
+the committed LLaDA release card."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard, metadata_load
+
+from hub_sae.cards import (
+    BIBTEX,
+    CARD_FILE,
+    DIGITS,
+    METRICS,
+    PLOT_FILE,
+    release_spec,
+    suite_spec,
+    write_card,
+)
+from hub_sae.suite import layer_folders, read_suite
+
+ROOT = Path(__file__).resolve().parents[1]
+LLADA_CARD = ROOT / "model_cards" / "llada-8b-mask"
+LLADA_CONFIG = ROOT / "training" / "configs" / "llada-8b-mask.yaml"
+REQUIRED_TAGS = {
+    "sparse-autoencoder",
+    "interpretability",
+    "diffusion-language-model",
+    "mechanistic-interpretability",
+}
+REPO_ID = "someone/tiny-mask"
+
+
+@pytest.fixture(scope="module")
+def carded_suite(trained_suite: Path, tmp_path_factory) -> Path:
+    """A copy of the trained suite with its card written for REPO_ID."""
+    root = tmp_path_factory.mktemp("carded") / trained_suite.name
+    shutil.copytree(trained_suite, root)
+    write_card(suite_spec(root, REPO_ID), root)
+    return root
+
+
+def python_block(text: str) -> str:
+    return re.search(r"```python\n(.*?)```", text, re.S).group(1)
+
+
+def test_card_metadata_is_valid_and_model_index_matches_metrics(carded_suite):
+    card = ModelCard.load(carded_suite / CARD_FILE)
+    data = card.data
+    assert data.library_name == "hub-sae"
+    assert REQUIRED_TAGS <= set(data.tags)
+    assert data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
+    assert data.license == "apache-2.0"
+    assert metadata_load(carded_suite / CARD_FILE)["model-index"][0]["name"] == REPO_ID
+
+    listed = set()
+    for result in data.eval_results:
+        metrics = json.loads((carded_suite / result.metric_config / "metrics.json").read_text())
+        assert result.metric_value == round(metrics[result.metric_type], DIGITS)
+        assert result.dataset_split == "heldout"
+        listed.add((result.metric_config, result.metric_type))
+    expected = {
+        (folder.relative_to(carded_suite).as_posix(), m.key)
+        for folder in layer_folders(carded_suite).values()
+        for m in METRICS
+        if m.key in json.loads((folder / "metrics.json").read_text())
+    }
+    assert listed == expected
+    assert {"fvu", "variance_explained", "l0", "dead_share"} <= {key for _, key in listed}
+
+
+def test_card_snippet_loads_a_layer_of_the_suite(carded_suite):
+    text = (carded_suite / CARD_FILE).read_text()
+    snippet = python_block(text)
+    layer = int(re.search(rf'from_pretrained\("{REPO_ID}", layer=(\d+)', snippet).group(1))
+    assert layer in read_suite(carded_suite)["layers"]
+    scope: dict = {}
+    exec(snippet.replace(REPO_ID, str(carded_suite)), scope)
+    assert scope["sae"].layer == layer
+    assert scope["x_hat"].shape == scope["x"].shape
+
+
+def test_card_shows_plot_training_setup_and_metric_table(carded_suite):
+    text = (carded_suite / CARD_FILE).read_text()
+    assert (carded_suite / PLOT_FILE).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert f"]({PLOT_FILE})" in text
+    run = read_suite(carded_suite)["training"]
+    for expected in (
+        f"| k | {run['ks'][0]} |",
+        f"{run['total_tokens']:,} activations per SAE",
+        f"lr {run['lr']:g}",
+        f"p ~ U[{run['t_min']:g}, {run['t_max']:g}]",
+        "`mask`: activations are kept at the masked positions",
+        "`pydoc`, packed into 64-token contexts",
+    ):
+        assert expected in text
+    for layer in read_suite(carded_suite)["layers"]:
+        assert re.search(rf"^\| {layer} \| {run['ks'][0]} \| \d\.\d{{3}} \|", text, re.M)
+    assert BIBTEX in text
+    assert not list(carded_suite.glob(".*.tmp"))
+
+
+def test_committed_llada_card_parses_and_reports_dlm_scope_numbers():
+    path = LLADA_CARD / CARD_FILE
+    card = ModelCard.load(path)
+    assert (
+        metadata_load(path)["model-index"][0]["name"]
+        == "AwesomeInterpretability/llada-mask-topk-sae"
+    )
+    assert card.data.base_model == "GSAI-ML/LLaDA-8B-Base"
+    assert REQUIRED_TAGS <= set(card.data.tags)
+    reported = json.loads((LLADA_CARD / "reported_metrics.json").read_text())["results"]
+    indexed = {(r.metric_config, r.metric_type): r for r in card.data.eval_results}
+    assert len(indexed) == len(reported) == 12
+    for row in reported:
+        result = indexed[f"layer_{row['layer']}/k_{row['k']}", "variance_explained"]
+        assert result.metric_value == row["variance_explained"]
+        assert result.source_url == "https://openreview.net/forum?id=yO5buOEUag"
+    assert indexed["layer_16/k_80", "variance_explained"].metric_value == 0.746
+    assert BIBTEX in card.text
+    assert "Xu Wang and Bingqing Jiang and Yu Wan and Baosong Yang" in card.text
+    assert (
+        'from_pretrained("AwesomeInterpretability/llada-mask-topk-sae", layer=16, k=50)'
+        in card.text
+    )
+    assert (LLADA_CARD / PLOT_FILE).read_bytes().startswith(b"\x89PNG")
+
+
+def test_release_results_outside_the_config_are_refused(tmp_path):
+    info = json.loads((LLADA_CARD / "reported_metrics.json").read_text())
+    info["results"].append({"layer": 2, "k": 50, "variance_explained": 0.9})
+    reported = tmp_path / "reported.json"
+    reported.write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"\(2, 50\)"):
+        release_spec(LLADA_CONFIG, reported)
+
+
+def test_card_of_a_suite_without_metrics_says_to_evaluate(trained_suite, tmp_path):
+    root = tmp_path / "suite"
+    shutil.copytree(trained_suite, root)
+    (root / "layer_1" / "metrics.json").unlink()
+    with pytest.raises(FileNotFoundError, match="hub-sae eval"):
+        suite_spec(root)

@@ -1,0 +1,117 @@
+"""The hub-sae command: eval, card, push --dry-run and the refusal of incomplete suites."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hub_sae.cards import CARD_FILE, PLOT_FILE, SUMMARY_FILE
+from hub_sae.cli import main
+from hub_sae.suite import layer_folders
+
+ROOT = Path(__file__).resolve().parents[1]
+LLADA_CARD = ROOT / "model_cards" / "llada-8b-mask"
+
+
+def hub_sae(*args: str) -> subprocess.CompletedProcess:
+    """The real console entry point, offline and without a token."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
+    return subprocess.run(
+        [sys.executable, "-m", "hub_sae.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+
+
+@pytest.fixture
+def suite(trained_suite: Path, tmp_path: Path) -> Path:
+    """A private copy of the session's trained suite, safe to modify."""
+    root = tmp_path / trained_suite.name
+    shutil.copytree(trained_suite, root)
+    return root
+
+
+@pytest.fixture
+def carded(suite: Path) -> Path:
+    """The copy with its card for me/tiny-mask."""
+    assert main(["card", str(suite), "--repo-id", "me/tiny-mask"]) == 0
+    return suite
+
+
+def test_eval_rewrites_metrics_with_the_same_keys(suite, capsys):
+    folders = layer_folders(suite)
+    before = {key: json.loads((f / "metrics.json").read_text()) for key, f in folders.items()}
+    stale = folders[1, 8] / "metrics.json"
+    stale.write_text(json.dumps({**before[1, 8], "fvu": -1.0}))
+
+    assert main(["eval", str(suite), "--max-tokens", "256", "--device", "cpu"]) == 0
+
+    summary = json.loads((suite / SUMMARY_FILE).read_text())
+    assert summary["eval"]["split"] == "heldout" and summary["eval"]["policy"] == "mask"
+    assert summary["eval"]["corruption"] == {"schedule": "dlm_scope", "t_min": 0.05, "t_max": 0.5}
+    rows = {(r["layer"], r["k"]): r for r in summary["results"]}
+    for key, folder in folders.items():
+        after = json.loads((folder / "metrics.json").read_text())
+        assert after.keys() == before[key].keys()
+        assert 0 < after["fvu"] < 1.5
+        assert rows[key]["fvu"] == after["fvu"] and rows[key]["folder"] == f"layer_{key[0]}"
+    assert not list(suite.rglob(".*.tmp"))
+    table = capsys.readouterr().out
+    assert "| layer | k | FVU |" in table and "| 3 | 8 |" in table
+
+
+def test_eval_of_a_folder_that_is_no_suite_says_so(tmp_path, capsys):
+    assert main(["eval", str(tmp_path), "--device", "cpu"]) == 1
+    assert "not a hub-sae suite" in capsys.readouterr().err
+
+
+def test_push_dry_run_lists_every_file_with_its_size(carded):
+    result = hub_sae("push", str(carded), "--repo-id", "me/tiny-mask", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "would push" in lines[0] and "me/tiny-mask" in lines[0]
+    listed = {line.split()[0]: int(line.split()[1].replace(",", "")) for line in lines[1:-1]}
+    files = {
+        p.relative_to(carded).as_posix(): p.stat().st_size for p in carded.rglob("*") if p.is_file()
+    }
+    assert listed == files
+    assert {CARD_FILE, PLOT_FILE, "suite.json", "layer_1/model.safetensors"} <= set(listed)
+    assert lines[-1].startswith(f"total ({len(files)} files)")
+    assert f"{sum(files.values()):,}" in lines[-1]
+
+
+def test_push_refuses_a_suite_missing_weights_naming_the_file(carded):
+    (carded / "layer_1" / "model.safetensors").unlink()
+    result = hub_sae("push", str(carded), "--repo-id", "me/tiny-mask")
+    assert result.returncode == 1
+    assert "refusing to push" in result.stderr
+    assert str(carded / "layer_1" / "model.safetensors") in result.stderr
+    assert "train the suite again" in result.stderr
+
+
+def test_push_refuses_a_suite_without_card(suite, capsys):
+    assert main(["push", str(suite), "--repo-id", "me/tiny-mask", "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert str(suite / CARD_FILE) in err and f"hub-sae card {suite}" in err
+
+
+def test_push_refuses_a_card_made_for_another_repo(carded, capsys):
+    assert main(["push", str(carded), "--repo-id", "me/other", "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert "generated for 'me/tiny-mask'" in err and "--repo-id me/other" in err
+
+
+def test_release_card_command_reproduces_the_committed_card(tmp_path):
+    args = ["card", "--release", str(ROOT / "training/configs/llada-8b-mask.yaml")]
+    args += ["--metrics", str(LLADA_CARD / "reported_metrics.json"), "--out", str(tmp_path)]
+    assert main(args) == 0
+    assert (tmp_path / CARD_FILE).read_text() == (LLADA_CARD / CARD_FILE).read_text()
+    assert (tmp_path / PLOT_FILE).is_file()

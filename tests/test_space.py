@@ -1,0 +1,284 @@
+"""The Space: handlers called directly, a tiny LLaDA for decoding and steering, and the HTTP API."""
+
+import dataclasses
+import socket
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import gradio as gr
+import pytest
+import torch
+from gradio_client import Client
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "space"))
+
+import app  # noqa: E402
+from diffusion import Steering, clamp_latent, commit_schedule, denoise  # noqa: E402
+from explorer import LLADA_SUITE, Explorer, default_suite  # noqa: E402
+
+from hub_sae.activations import capture  # noqa: E402
+from hub_sae.models.llada import save_llada_model  # noqa: E402
+from hub_sae.sae import TopKSAE  # noqa: E402
+from hub_sae.suite import save_suite  # noqa: E402
+from tests.test_llada import tiny_model  # noqa: E402
+
+PROMPT = "The [MASK] statement is used to leave a loop early, and [MASK] skips ahead."
+WORDS = ["<|startoftext|>", "<|endoftext|>", "[UNK]", "the", "cat", "sat", "on", "a", "mat", "dog"]
+LLADA_MASK = "<|mdm_mask|>"
+
+
+@pytest.fixture(scope="session")
+def explorer(trained_suite) -> Explorer:
+    return Explorer.load(str(trained_suite), device="cpu")
+
+
+def masked_positions(explorer: Explorer, text: str) -> list[int]:
+    ids, _ = explorer.tokenize(text)
+    return [i for i, t in enumerate(ids) if t == explorer.base.mask_token_id]
+
+
+def test_default_suite_env_then_newest_run_then_llada(tmp_path, monkeypatch):
+    monkeypatch.delenv("HUB_SAE_SUITE", raising=False)
+    assert default_suite(tmp_path / "runs") == LLADA_SUITE
+    for name in ("old", "new"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "suite.json").write_text("{}")
+    (tmp_path / "runs" / "unfinished").mkdir()
+    assert default_suite(tmp_path / "runs") == str(tmp_path / "runs" / "new")
+    monkeypatch.setenv("HUB_SAE_SUITE", "me/my-suite")
+    assert default_suite(tmp_path / "runs") == "me/my-suite"
+
+
+def test_header_names_suite_model_and_policy(explorer, trained_suite):
+    header = explorer.header()
+    assert f"`{trained_suite.name}`" in header and "`minilm`" in header and "`mask`" in header
+    assert explorer.layers == [1, 3] and explorer.default_layer == 3
+
+
+def test_typed_mask_tokens_are_the_analysed_positions(explorer):
+    prompt = explorer.prepare(PROMPT)
+    expected = masked_positions(explorer, PROMPT)
+    assert len(expected) == 2 and prompt.analysed.nonzero().flatten().tolist() == expected
+    assert prompt.tokens[expected[0]] == " [MASK]" and "".join(prompt.tokens[1:-1]) == PROMPT
+
+
+@pytest.mark.parametrize("policy", ["unmask", "all", "clean"])
+def test_other_policies_select_their_positions(explorer, policy):
+    prompt = dataclasses.replace(explorer, policy=policy).prepare(PROMPT)
+    masked = set(masked_positions(explorer, PROMPT))
+    real = set(range(1, len(prompt.tokens)))
+    expected = real - masked if policy == "unmask" else real
+    assert set(prompt.analysed.nonzero().flatten().tolist()) == expected
+
+
+def test_random_masking_is_seeded_and_never_masks_bos(explorer):
+    text = "Return the value of the named attribute of object."
+    a, b = explorer.prepare(text, 0.5, seed=3), explorer.prepare(text, 0.5, seed=3)
+    assert torch.equal(a.is_masked, b.is_masked) and a.is_masked.any()
+    full = explorer.prepare(text, 1.0, seed=0)
+    assert not full.analysed[0] and not full.is_masked[0] and full.analysed[1:].all()
+    assert (full.input_ids[1:] == explorer.base.mask_token_id).all()
+    assert torch.equal(full.clean_ids, explorer.prepare(text).clean_ids)
+
+
+def test_heat_map_is_normalised_and_greys_unanalysed_tokens(explorer):
+    analysis = explorer.analyse(PROMPT, 0.3, 1)
+    feature = explorer.default_feature(analysis, 3)
+    heat = explorer.heat_map(analysis, 3, feature)
+    analysed = analysis.prompt.analysed.tolist()
+    assert [score is not None for _, score in heat] == analysed
+    scores = [score for _, score in heat if score is not None]
+    assert all(-1.0 <= s <= 1.0 for s in scores) and max(scores) == 1.0
+    assert heat[0][1] is None  # BOS
+
+
+def test_token_table_matches_sae_encode(explorer):
+    analysis = explorer.analyse(PROMPT, 0.0, 0)
+    position = masked_positions(explorer, PROMPT)[1]
+    table = explorer.token_table(analysis, 1, position)
+    acts = capture(explorer.base, analysis.prompt.input_ids[None], None, [1])[1][0, position]
+    with torch.no_grad():
+        top_acts, top_indices = explorer.saes[1].encode(acts)
+    expected = sorted(
+        ((int(i), round(float(a), 4)) for a, i in zip(top_acts, top_indices, strict=True) if a > 0),
+        key=lambda pair: -pair[1],
+    )
+    assert list(zip(table["feature"], table["activation"], strict=True)) == expected
+    assert table["frequency %"].notna().all()
+
+
+def test_analyse_handler_defaults_to_the_most_active_feature(explorer):
+    info, position, table, feature, heat, summary, contexts, lens = app.analyse(
+        explorer, PROMPT, 3, 0.0, 0
+    )
+    analysis = explorer.analyse(PROMPT, 0.0, 0)
+    assert feature == int(explorer.strongest(analysis, 3).argmax())
+    assert dict(heat)  # tokens present
+    assert max(s for _, s in heat if s is not None) == 1.0
+    assert position.value in masked_positions(explorer, PROMPT)
+    assert feature in set(table["feature"]) and "2 analysed" in info
+    assert f"Feature {feature}" in summary and "Fires on" in summary and "no LM head" in summary
+    assert lens.empty and (contexts.empty or contexts["context"].str.contains("⟦").all())
+
+
+def test_contexts_mark_the_centre_token(explorer):
+    stats = explorer.features[3]
+    feature = int(stats.frequency.argmax())
+    contexts = explorer.contexts(3, feature)
+    assert len(contexts) == int((stats.top_tokens[feature] >= 0).sum()) > 0
+    assert contexts["context"].str.count("⟦").eq(1).all()
+
+
+def test_prompt_too_long_is_a_gradio_error(explorer):
+    with pytest.raises(gr.Error, match="at most 256"):
+        app.analyse(explorer, "word " * 300, 3, 0.0, 0)
+
+
+def test_bad_inputs_are_clear_errors(explorer):
+    with pytest.raises(gr.Error, match=r"Type \[MASK\]"):
+        app.analyse(explorer, "No mask in this prompt.", 3, 0.0, 0)
+    with pytest.raises(gr.Error, match="layers \\[1, 3\\]"):
+        app.analyse(explorer, PROMPT, 2, 0.0, 0)
+    with pytest.raises(gr.Error, match="Token 0 is not analysed"):
+        app.show_token(explorer, PROMPT, 3, 0.0, 0, 0)  # BOS
+    with pytest.raises(gr.Error, match="between 0 and 767"):
+        app.show_feature(explorer, PROMPT, 3, 0.0, 0, 768)
+    with pytest.raises(gr.Error, match="needs an LM head"):
+        app.decode(explorer, PROMPT, 3, 0.0, 0, 4, 0, 1.0)
+
+
+# --- a tiny random LLaDA with SAEs made by TopKSAE directly ---------------------------------
+
+
+def save_llada_tokenizer(path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(WORDS)} | {LLADA_MASK: 299}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=WORDS[0], eos_token=WORDS[1], mask_token=LLADA_MASK
+    ).save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def llada(tmp_path_factory) -> Explorer:
+    root = tmp_path_factory.mktemp("llada")
+    save_llada_model(tiny_model(), root / "model")
+    save_llada_tokenizer(root / "model")
+    torch.manual_seed(0)
+    saes = {(layer, 8): TopKSAE(64, 128, 8, layer=layer) for layer in (1, 2)}
+    info = {"base_model": str(root / "model"), "policy": "mask"}
+    save_suite(root / "suite", saes, {}, info)
+    return Explorer.load(str(root / "suite"), device="cpu")
+
+
+def llada_prompt(n_masks: int = 4) -> str:
+    return " ".join(["the", "cat", *[LLADA_MASK] * n_masks, "on", "a", "mat"])
+
+
+def test_commit_schedule_spreads_the_masks_over_the_steps():
+    assert commit_schedule(10, 4) == [3, 3, 2, 2]
+    assert commit_schedule(3, 8) == [1, 1, 1] and commit_schedule(0, 4) == []
+
+
+def test_decoding_unmasks_a_few_positions_per_step(llada):
+    prompt = llada.prepare(llada_prompt(5))
+    out = denoise(llada.base, llada.saes[1], prompt.input_ids, steps=3)
+    left = [step.masked_left for step in out.steps]
+    assert left == [3, 1, 0] and [len(s.committed) for s in out.steps] == [2, 2, 1]
+    assert not (out.ids == llada.base.mask_token_id).any()
+    kept = ~prompt.is_masked
+    assert torch.equal(out.ids[kept], prompt.input_ids[kept])
+    assert all(step.top_features for step in out.steps)
+
+
+def test_large_clamp_steers_to_the_features_logit_lens_token(llada):
+    prompt = llada.prepare(llada_prompt(4))
+    sae = llada.saes[2]  # the last block: its output goes straight to ln_f and the head
+    lens = llada.logit_lens(2, 5, n=3)
+    target = next(t for t in lens["token"] if t != LLADA_MASK)
+    plain = denoise(llada.base, sae, prompt.input_ids, steps=4)
+    steered = denoise(llada.base, sae, prompt.input_ids, 4, steering=Steering(5, 1e4))
+    generated = [llada.token_text(t) for t in steered.ids[prompt.is_masked]]
+    assert generated == [target] * 4 and not torch.equal(plain.ids, steered.ids)
+
+
+def test_clamp_to_the_features_own_value_changes_nothing(llada):
+    sae = llada.saes[1]
+    h = torch.randn(6, 64)
+    top_acts, top_indices = sae.encode(h)
+    feature, own = int(top_indices[0, 0]), float(top_acts[0, 0])
+    assert torch.equal(clamp_latent(sae, h[:1], Steering(feature, own)), h[:1])
+    prompt = llada.prepare(llada_prompt(1))
+    position = int(prompt.is_masked.nonzero())
+    resid = capture(llada.base, prompt.input_ids[None], None, [1])[1][0, position]
+    acts, indices = sae.encode(resid)
+    for f, value in ((int(indices[0]), float(acts[0])), (int(indices[-1]), float(acts[-1]))):
+        plain = denoise(llada.base, sae, prompt.input_ids, 1)
+        clamped = denoise(llada.base, sae, prompt.input_ids, 1, steering=Steering(f, value))
+        assert torch.equal(plain.ids, clamped.ids)
+
+
+def test_llada_handlers_decode_and_show_the_logit_lens(llada):
+    text = llada_prompt(3)
+    *_, heat, summary, contexts, lens = app.analyse(llada, text, 1, 0.0, 0)
+    assert len(lens) == 10 and "No feature statistics" in summary and contexts.empty
+    assert [s is not None for _, s in heat] == [False, False, False, True, True, True] + [False] * 3
+    plain, steered, plain_trace, steered_trace = app.decode(llada, text, 2, 0.0, 0, 3, 5, 1e4)
+    assert [label for _, label in plain].count("generated") == 3
+    assert {label for _, label in steered} <= {None, "changed", "same"}
+    assert list(plain_trace["masked left"]) == [2, 1, 0] and len(steered_trace) == 3
+    assert "feature 5" in plain_trace.columns
+
+
+# --- the app over HTTP -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(explorer):
+    demo = app.build_app(explorer)
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True)
+    yield demo.local_url
+    demo.close()
+
+
+def test_api_analyse_feature_and_token(server, explorer):
+    client = Client(server, verbose=False)
+    info, position, table, feature, heat, summary, contexts, lens = client.predict(
+        PROMPT, 3, 0.0, 0, api_name="/analyze"
+    )
+    assert "2 analysed" in info and position["value"] in masked_positions(explorer, PROMPT)
+    assert feature in column(table, "feature") and summary.startswith(f"### Feature {feature}")
+    tokens = [t["token"] for t in heat]
+    assert tokens[0] == "[CLS] " and tokens.count(" [MASK]") == 2
+    assert max(t["class_or_confidence"] or 0 for t in heat) == 1.0
+    heat2, summary2, *_ = client.predict(PROMPT, 3, 0.0, 0, 7, api_name="/feature")
+    assert summary2.startswith("### Feature 7") and len(heat2) == len(heat)
+    table2 = client.predict(PROMPT, 1, 0.0, 0, position["value"], api_name="/token")
+    assert column(table2, "feature")
+    with pytest.raises(Exception, match="at most 256"):
+        client.predict("word " * 300, 3, 0.0, 0, api_name="/analyze")
+
+
+def column(frame: dict, name: str) -> list:
+    return [row[frame["headers"].index(name)] for row in frame["data"]]
+
+
+def test_twenty_concurrent_clients(server):
+    def one(i: int) -> str:
+        client = Client(server, verbose=False)
+        text = f"Example {i}: the [MASK] statement ends the loop."
+        return client.predict(text, 1 + 2 * (i % 2), 0.2, i, api_name="/analyze")[0]
+
+    with ThreadPoolExecutor(20) as pool:
+        infos = list(pool.map(one, range(20)))
+    assert all("analysed" in info for info in infos)

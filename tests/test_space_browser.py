@@ -1,0 +1,76 @@
+"""The Space in headless Chromium: type a prompt, analyse it, find the heat map.
+
+Needs Debian's `chromium` (/usr/bin/chromium) and the `playwright` Python package. Set
+SPACE_SCREENSHOT=1 to also save the page to space/screenshot.png.
+"""
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+CHROMIUM = "/usr/bin/chromium"
+sys.path.insert(0, str(ROOT / "space"))
+
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(),
+    reason=f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)",
+)
+
+PROMPT = (
+    "The [MASK] statement is used to leave a loop early, and continue skips to the next [MASK]."
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def url(trained_suite):
+    import app
+
+    demo = app.build_app(str(trained_suite))
+    demo.launch(
+        server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, css=app.CSS
+    )
+    yield demo.local_url
+    demo.close()
+
+
+def test_page_analyses_a_typed_prompt(url):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(headless=True, executable_path=CHROMIUM)
+        page = browser.new_page(viewport={"width": 1280, "height": 1100})
+        page.goto(url)
+        page.get_by_label("Prompt", exact=False).fill(PROMPT)
+        page.get_by_role("button", name="Analyse").click()
+        heat = page.locator("#heatmap .score-token")
+        expect(heat.first).to_be_visible(timeout=30_000)
+        tokens = heat.all_inner_texts()
+        masks = [i for i, t in enumerate(tokens) if "[MASK]" in t]
+        assert tokens[0].strip() == "[CLS]" and len(masks) == 2
+        assert page.locator("#heatmap .score-token.highlighted").count() == 2
+        expect(page.get_by_text("2 analysed")).to_be_visible()
+        if os.environ.get("SPACE_SCREENSHOT"):
+            page.screenshot(path=str(ROOT / "space" / "screenshot.png"), full_page=True)
+
+        table = page.get_by_role("grid", name="Top features of the token (click one)")
+        feature = table.get_by_role("gridcell").nth(3)  # the second row's feature
+        expected = feature.inner_text().strip()
+        feature.click()
+        expect(page.locator("h3", has_text=f"Feature {expected} ")).to_be_visible()
+        token = page.get_by_role("combobox", name="Token")
+        other = next(i for i in masks if not token.input_value().startswith(f"{i}:"))
+        heat.nth(other).click()
+        expect(token).to_have_value(f"{other}: [MASK]")
+        page.get_by_role("tab", name="Decode").click()
+        expect(page.get_by_text("Decoding needs an LM head")).to_be_visible()
+        browser.close()
