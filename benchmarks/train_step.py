@@ -35,6 +35,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import NamedTuple
 
@@ -174,7 +175,9 @@ def missing_references() -> dict[str, str]:
         try:
             __import__(module)
         except Exception as error:  # an ImportError, or a broken install
-            missing[name] = f"{PACKAGES[name]} not importable ({error!r}); pip install -e '.[bench]'"
+            missing[name] = (
+                f"{PACKAGES[name]} not importable ({error!r}); pip install -e '.[bench]'"
+            )
     return missing
 
 
@@ -210,7 +213,9 @@ def minilm(n_tokens: int, split: str) -> Tensor:
     with torch.no_grad():
         while n < n_tokens:
             data = DataConfig(split=split, seed=epoch)
-            for ids, mask in token_batches(data, base.tokenizer, base.bos_token_id, base.eos_token_id):
+            for ids, mask in token_batches(
+                data, base.tokenizer, base.bos_token_id, base.eos_token_id
+            ):
                 parts.append(harvest(base, ids, mask, [3], "mask", generator=generator).acts[3])
                 n += len(parts[-1])
                 if n >= n_tokens:
@@ -232,7 +237,10 @@ def activations(case: Case) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def fvu(reconstruct: Callable[[Tensor], Tensor], x: Tensor) -> float:
-    residual = sum((x[i : i + BATCH] - reconstruct(x[i : i + BATCH])).pow(2).sum() for i in range(0, len(x), BATCH))
+    residual = sum(
+        (x[i : i + BATCH] - reconstruct(x[i : i + BATCH])).pow(2).sum()
+        for i in range(0, len(x), BATCH)
+    )
     return float(residual / (x - x.mean(0)).pow(2).sum())
 
 
@@ -292,67 +300,72 @@ def bench_case(case: Case, skip: dict[str, str]) -> dict[str, object]:
 
 
 def table(results: list[dict]) -> str:
-    names = ["hub_sae", "sparsify", "saelens"]
+    """Markdown: tokens/s (held-out FVU) of each library, the floor, and hub-sae's ratios."""
+    names = {"hub_sae": "hub-sae", "sparsify": "sparsify", "saelens": "SAELens"}
     head = "| data | d_in | d_sae | k | tokens | floor ms |"
-    head += "".join(f" {n} ms | {n} FVU |" for n in names)
-    head += " hub / floor | vs sparsify | vs saelens |"
+    head += "".join(f" {label} tok/s (FVU) |" for label in names.values())
+    head += " hub step / floor | vs sparsify | vs SAELens |"
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         libs, speed = r["libraries"], r["speedup"]
         cells = [r["data"], r["d_in"], r["d_sae"], r["k"], r["tokens"], f"{r['floor_ms']:.1f}"]
-        for n in names:
-            lib = libs.get(n)
-            cells += [f"{lib['step_ms']:.1f}", f"{lib['fvu']:.3f}"] if lib else ["-", "-"]
+        for name in names:
+            lib = libs.get(name)
+            cells.append(f"{lib['tokens_per_s']:.0f} ({lib['fvu']:.3f})" if lib else "-")
         cells.append(f"{libs['hub_sae']['step_over_floor']:.2f}")
-        cells += [f"{speed[f'vs_{n}']:.2f}x" if f"vs_{n}" in speed else "-" for n in names[1:]]
+        cells += [
+            f"{speed[f'vs_{n}']:.2f}x" if f"vs_{n}" in speed else "-"
+            for n in names
+            if n != "hub_sae"
+        ]
         rows.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(rows)
+
+
+def write(results: list[dict], skip: dict[str, str]) -> None:
+    versions = {"torch": torch.__version__}
+    for name, package in PACKAGES.items():
+        if name not in skip:
+            versions[name] = version(package)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "batch": BATCH,
+        "lr": LR,
+        "optimizer": "torch.optim.Adam(fused=True)",
+        "auxk_alpha": AUXK_ALPHA,
+        "dead_share": DEAD_SHARE,
+        "eval_tokens": EVAL_TOKENS,
+        "threads": torch.get_num_threads(),
+        "versions": versions,
+        "skipped": skip,
+        "targets": TARGETS,
+        "results": results,
+    }
+    RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="d_in 384 cases only")
-    parser.add_argument("--only", choices=["hub_sae"], help="run hub-sae alone")
+    parser.add_argument("--only-hub", action="store_true", help="run hub-sae alone")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     skip = missing_references()
     for name, why in skip.items():
         print(f"reference {name} skipped: {why}")
-    if args.only:
-        skip.update({name: "--only hub_sae" for name in REFERENCES})
-    cases = SMALL if args.small else SMALL + LARGE
+    if args.only_hub:
+        skip.update({name: "--only-hub" for name in REFERENCES})
     results = []
-    for case in cases:
+    for case in SMALL if args.small else SMALL + LARGE:
         print(f"{case} ...", flush=True)
-        results.append(bench_case(case, skip))
+        load = os.getloadavg()[0]
+        results.append({**bench_case(case, skip), "load_avg_1min": [load, os.getloadavg()[0]]})
         print(table(results[-1:]), flush=True)
-    print(f"\nTopK SAE train step, batch {BATCH}, Adam lr {LR}, CPU {THREADS} threads, torch {torch.__version__}")
-    print(table(results))
-    versions = {"torch": torch.__version__}
-    for name, module in (("sparsify", "sparsify"), ("saelens", "sae_lens")):
-        if name not in skip:
-            from importlib.metadata import version
-
-            versions[name] = version(PACKAGES[name])
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "batch": BATCH,
-                "lr": LR,
-                "auxk_alpha": AUXK_ALPHA,
-                "dead_share": DEAD_SHARE,
-                "eval_tokens": EVAL_TOKENS,
-                "threads": torch.get_num_threads(),
-                "versions": versions,
-                "skipped": skip,
-                "targets": TARGETS,
-                "results": results,
-            },
-            indent=2,
-        )
-        + "\n"
+        write(results, skip)  # after every case, so a long run that dies keeps what it measured
+    print(
+        f"\nTopK SAE train step, batch {BATCH}, fused Adam lr {LR}, {THREADS} CPU threads, torch {torch.__version__}"
     )
+    print(table(results))
     print(f"wrote {RESULTS}")
 
 

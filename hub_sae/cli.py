@@ -40,7 +40,7 @@ def evaluate_saved_suite(
     device: str = "cpu",
     dtype: str | None = None,
     corpus: str | None = None,
-    split: str = "heldout",
+    split: str | None = None,
     seed: int = 0,
 ) -> dict[tuple[int, int], dict]:
     """Re-measure every SAE of a suite on held-out text under its policy and corruption.
@@ -63,8 +63,8 @@ def evaluate_saved_suite(
     if "corruption" not in suite:
         raise ValueError(f"{root / SUITE_FILE} has no `corruption` block; re-train with hub-sae.")
     data = DataConfig(
-        corpus=corpus or run.get("corpus", "pydoc"),
-        split=split,
+        corpus=corpus or run.get("eval_corpus") or run.get("corpus", "pydoc"),
+        split=split or run.get("eval_split", "heldout"),
         text_field=run.get("text_field", "text"),
         ctx_len=run.get("ctx_len", 128),
         batch_size=run.get("llm_batch_size", 8),
@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", help="base-model dtype (default: the run's dtype)")
     ev.add_argument("--corpus", help="held-out corpus (default: the run's corpus)")
     ev.add_argument(
-        "--split", default="heldout", help="corpus split (HF datasets: e.g. validation)"
+        "--split", default=None, help="corpus split (default: the one the suite was evaluated on when trained)"
     )
     ev.add_argument("--seed", type=int, default=0, help="seed of the document order and the masks")
 

@@ -39,118 +39,170 @@ class ForwardOutput(NamedTuple):
     """AuxK loss of the dead latents (only when `dead_mask` is given), normalised like `fvu`."""
 
 
-def _by_latent(indices: Tensor, n_rows: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The (token, slot) pairs of `indices` [N, K] grouped by latent, as `embedding_bag` input.
-
-    Returns (order, tokens, offsets): `order` sorts the flattened pairs by latent, `tokens` [N * K]
-    is the token of each sorted pair and `offsets` [n_rows] where each latent's pairs start.
-    """
-    flat = indices.flatten()
-    order = flat.argsort(stable=True)  # on CPU the stable sort is the fast one
-    counts = torch.bincount(flat, minlength=n_rows)
-    tokens = order.div(indices.shape[-1], rounding_mode="floor")
-    return order, tokens, counts.cumsum(0) - counts
+def _tokens(indices: Tensor, first: int = 0) -> Tensor:
+    """The token (row) of each entry of `indices` [N, K], flattened, counting tokens from `first`."""
+    n, k = indices.shape
+    return torch.arange(first, first + n, device=indices.device).repeat_interleave(k)
 
 
-def _scatter_rows(indices: Tensor, weights: Tensor, rows: Tensor, n_rows: int) -> Tensor:
-    """[n_rows, d]: the sum over (n, j) of weights[n, j] * rows[n] into row indices[n, j].
+def _scatter_rows(
+    latents: Tensor, tokens: Tensor, weights: Tensor, rows: Tensor, n_rows: int
+) -> Tensor:
+    """[n_rows, d]: for each (flat) pair p, weights[p] * rows[tokens[p]] summed into row latents[p].
 
     An `embedding_bag` whose bags are the latents and whose table is `rows`: each output row is
-    written once, and no [N, K, d] or [N, n_rows] tensor is built.
+    written once, and no [pairs, d] or [N, n_rows] tensor is built.
     """
-    order, tokens, offsets = _by_latent(indices, n_rows)
+    # On CPU the stable sort of int32 keys is the fast one (and the least hurt by busy cores).
+    order = latents.int().argsort(stable=True)
+    counts = torch.bincount(latents, minlength=n_rows)
     return F.embedding_bag(
-        tokens, rows, offsets, per_sample_weights=weights.flatten()[order], mode="sum"
+        tokens[order],
+        rows,
+        counts.cumsum(0) - counts,
+        per_sample_weights=weights[order],
+        mode="sum",
     )
 
 
 def _gather_dot(indices: Tensor, table: Tensor, rows: Tensor) -> Tensor:
     """[N, K]: rows[n] . table[indices[n, j]], i.e. embedding_bag's per-sample-weight gradient."""
     n, k = indices.shape
+    if k == 0:
+        return rows.new_zeros(n, 0)
     offsets = torch.arange(0, n * k, k, device=indices.device)
-    offset2bag = torch.arange(n, device=indices.device).repeat_interleave(k)
     return torch.ops.aten._embedding_bag_per_sample_weights_backward(
-        rows.contiguous(), table, indices.flatten(), offsets, offset2bag, 0
+        rows.contiguous(), table, indices.flatten(), offsets, _tokens(indices), 0
     ).view(n, k)
 
 
+def _decode(weight: Tensor, acts: Tensor, indices: Tensor) -> Tensor:
+    """sum_j acts[n, j] weight[indices[n, j]]; 1-D `indices`: acts is a dense block over those rows."""
+    if indices.dim() == 1:
+        return acts @ weight.index_select(0, indices)
+    if indices.shape[1] == 0:
+        return acts.new_zeros(len(acts), weight.shape[1])
+    return F.embedding_bag(indices, weight, per_sample_weights=acts, mode="sum")
+
+
+def _aux_select(
+    pre_acts: Tensor, dead: Tensor | None, k_aux: int, block: bool
+) -> tuple[Tensor, Tensor]:
+    """AuxK's (values, indices): the k_aux largest pre-activations among the `dead` latents.
+
+    As [N, k_aux] values and latent indices, or with `block` as a dense [N, n_dead] block over the
+    1-D `dead` (zero where not selected). No dead latents: empty [N, 0] values and indices.
+    """
+    if dead is None or k_aux == 0:
+        empty = pre_acts.new_zeros(len(pre_acts), 0)
+        return empty, empty.long()
+    pre_dead = pre_acts[:, dead]
+    values, local = pre_dead.topk(k_aux, dim=-1, sorted=False)
+    if block:
+        return pre_dead * torch.zeros_like(pre_dead).scatter_(1, local, 1.0), dead
+    return values, dead[local]
+
+
 class _TopKEncoder(torch.autograd.Function):
-    """ReLU of the top k of (x - b_dec) W^T + b, whose backward only touches the selected latents."""
+    """ReLU of the top k of (x - b_dec) W^T + b, plus AuxK's selection (`_aux_select`); the
+    backward only touches the selected latents (and the dead block) and makes one gradient per
+    parameter for both selections."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, b_dec: Tensor, weight: Tensor, bias: Tensor, k: int):  # type: ignore[override]
-        sae_in = x - b_dec
-        pre_acts = F.linear(sae_in, weight, bias)
-        values, top_indices = pre_acts.topk(k, dim=-1, sorted=False)
-        ctx.save_for_backward(sae_in, weight, top_indices, values)
-        ctx.mark_non_differentiable(top_indices, pre_acts)
-        ctx.set_materialize_grads(False)  # else autograd builds a dense zero grad for pre_acts
-        return values.relu(), top_indices, pre_acts
-
-    @staticmethod
-    def backward(ctx, grad_acts: Tensor, _grad_indices, _grad_pre):  # type: ignore[override]
-        return _encoder_backward(ctx, grad_acts) + (None,)
-
-
-class _SelectedEncoder(torch.autograd.Function):
-    """ReLU of given pre-activation entries (AuxK's latents), with the same sparse backward."""
-
-    @staticmethod
-    def forward(
+    def forward(  # type: ignore[override]
         ctx,
         x: Tensor,
         b_dec: Tensor,
         weight: Tensor,
         bias: Tensor,
-        pre_acts: Tensor,
-        indices: Tensor,
-    ):  # type: ignore[override]
-        values = pre_acts.gather(-1, indices)
-        ctx.save_for_backward(x - b_dec, weight, indices, values)
-        return values.relu()
+        k: int,
+        dead: Tensor | None = None,
+        k_aux: int = 0,
+        block: bool = False,
+    ):
+        sae_in = x - b_dec
+        pre_acts = F.linear(sae_in, weight, bias)
+        values, indices = pre_acts.topk(k, dim=-1, sorted=False)
+        aux_values, aux_indices = _aux_select(pre_acts, dead, k_aux, block)
+        ctx.save_for_backward(sae_in, weight, indices, values, aux_indices, aux_values)
+        ctx.mark_non_differentiable(indices, aux_indices)
+        ctx.set_materialize_grads(False)  # a missing gradient stays None, not a dense zero
+        return values.relu(), indices, aux_values.relu(), aux_indices
 
     @staticmethod
-    def backward(ctx, grad_acts: Tensor):  # type: ignore[override]
-        return _encoder_backward(ctx, grad_acts) + (None, None)
-
-
-def _encoder_backward(ctx, grad_acts: Tensor | None) -> tuple[Tensor | None, ...]:
-    """Gradients of (x, b_dec, weight, bias) from those of the selected activations."""
-    if grad_acts is None:
-        return None, None, None, None
-    sae_in, weight, indices, values = ctx.saved_tensors
-    need_x, need_b_dec, need_weight, need_bias = ctx.needs_input_grad[:4]
-    grad = grad_acts * (values > 0)  # ReLU
-    grad_x = grad_b_dec = grad_weight = grad_bias = None
-    if need_weight:
-        grad_weight = _scatter_rows(indices, grad, sae_in, weight.shape[0])
-    if need_bias or need_b_dec:
-        grad_bias = grad.new_zeros(weight.shape[0]).index_add_(0, indices.flatten(), grad.flatten())
-    if need_x:
-        grad_x = F.embedding_bag(indices, weight, per_sample_weights=grad, mode="sum")
-    if need_b_dec:
-        # -sum_n grad_x[n] = -grad_bias W: one [d_sae] x [d_sae, d] product instead of N * K rows.
-        grad_b_dec = -(grad_x.sum(0) if grad_x is not None else grad_bias @ weight)
-    return grad_x, grad_b_dec, grad_weight, grad_bias if need_bias else None
+    def backward(ctx, grad_acts, _grad_indices, grad_aux, _grad_aux_indices):  # type: ignore[override]
+        sae_in, weight, indices, values, aux_indices, aux_values = ctx.saved_tensors
+        need_x, need_b_dec, need_weight, need_bias = ctx.needs_input_grad[:4]
+        n_rows = weight.shape[0]
+        # ReLU; a missing gradient is a zero one
+        grad = grad_acts * (values > 0) if grad_acts is not None else torch.zeros_like(values)
+        aux = grad_aux * (aux_values > 0) if grad_aux is not None else torch.zeros_like(aux_values)
+        block = aux_indices.dim() == 1
+        if not block:  # one sparse selection: the top k and AuxK's side by side
+            indices, grad = torch.cat([indices, aux_indices], 1), torch.cat([grad, aux], 1)
+        grad_x = grad_b_dec = grad_weight = grad_bias = None
+        if need_weight:
+            grad_weight = _scatter_rows(
+                indices.flatten(), _tokens(indices), grad.flatten(), sae_in, n_rows
+            )
+            if block:
+                grad_weight.index_add_(0, aux_indices, aux.T @ sae_in)
+        if need_bias or need_b_dec:
+            grad_bias = grad.new_zeros(n_rows).index_add_(0, indices.flatten(), grad.flatten())
+            if block:
+                grad_bias.index_add_(0, aux_indices, aux.sum(0))
+        if need_x:
+            grad_x = _decode(weight, grad, indices)
+            if block:
+                grad_x += _decode(weight, aux, aux_indices)
+        if need_b_dec:
+            # -sum_n grad_x[n] = -grad_bias W: one [d_sae] x [d_sae, d] product, not N * K rows.
+            grad_b_dec = -(grad_x.sum(0) if grad_x is not None else grad_bias @ weight)
+        if not need_bias:
+            grad_bias = None
+        return grad_x, grad_b_dec, grad_weight, grad_bias, None, None, None, None
 
 
 class _Decode(torch.autograd.Function):
-    """sum_j acts[n, j] * weight[indices[n, j]] (an `embedding_bag`) with a sparse backward."""
+    """`_decode` of the top k and of AuxK's selection, with one sparse gradient for the weight."""
 
     @staticmethod
-    def forward(ctx, acts: Tensor, indices: Tensor, weight: Tensor):  # type: ignore[override]
-        ctx.save_for_backward(acts, indices, weight)
-        return F.embedding_bag(indices, weight, per_sample_weights=acts, mode="sum")
+    def forward(
+        ctx, weight: Tensor, acts: Tensor, indices: Tensor, aux_acts: Tensor, aux_indices: Tensor
+    ):  # type: ignore[override]
+        ctx.save_for_backward(weight, acts, indices, aux_acts, aux_indices)
+        ctx.set_materialize_grads(False)
+        return _decode(weight, acts, indices), _decode(weight, aux_acts, aux_indices)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        acts, indices, weight = ctx.saved_tensors
-        grad_acts = grad_weight = None
-        if ctx.needs_input_grad[0]:
+    def backward(ctx, grad: Tensor | None, grad_aux: Tensor | None):  # type: ignore[override]
+        weight, acts, indices, aux_acts, aux_indices = ctx.saved_tensors
+        grad = grad.contiguous() if grad is not None else acts.new_zeros(len(acts), weight.shape[1])
+        grad_aux = grad_aux if grad_aux is not None else torch.zeros_like(grad)
+        block = aux_indices.dim() == 1
+        grad_weight = grad_acts = grad_aux_acts = None
+        if ctx.needs_input_grad[1]:
             grad_acts = _gather_dot(indices, weight, grad)
-        if ctx.needs_input_grad[2]:
-            grad_weight = _scatter_rows(indices, acts, grad.contiguous(), weight.shape[0])
-        return grad_acts, None, grad_weight
+        if ctx.needs_input_grad[3]:
+            grad_aux_acts = (
+                grad_aux @ weight.index_select(0, aux_indices).T
+                if block
+                else _gather_dot(aux_indices, weight, grad_aux)
+            )
+        if ctx.needs_input_grad[0] and block:
+            grad_weight = _scatter_rows(
+                indices.flatten(), _tokens(indices), acts.flatten(), grad, weight.shape[0]
+            )
+            grad_weight.index_add_(0, aux_indices, aux_acts.T @ grad_aux)
+        elif ctx.needs_input_grad[0]:  # rows of `grad` for the top k, of `grad_aux` for AuxK
+            grad_weight = _scatter_rows(
+                torch.cat([indices.flatten(), aux_indices.flatten()]),
+                torch.cat([_tokens(indices), _tokens(aux_indices, len(grad))]),
+                torch.cat([acts.flatten(), aux_acts.flatten()]),
+                torch.cat([grad, grad_aux.contiguous()]),
+                weight.shape[0],
+            )
+        return grad_weight, grad_acts, None, grad_aux_acts, None
 
 
 class TopKSAE(
@@ -198,25 +250,24 @@ class TopKSAE(
     def dtype(self) -> torch.dtype:
         return self.b_dec.dtype
 
-    def _pre_and_top(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(top_acts, top_indices, pre_acts) of `x` [N, d_in]; pre_acts before the ReLU."""
-        return _TopKEncoder.apply(
-            x.to(self.dtype), self.b_dec, self.encoder.weight, self.encoder.bias, self.k
-        )
-
     def encode(self, x: Tensor) -> EncoderOutput:
         """The k active latents of each row of `x` ([..., d_in])."""
-        top_acts, top_indices, _ = self._pre_and_top(x.reshape(-1, self.d_in))
+        top_acts, top_indices, _, _ = _TopKEncoder.apply(
+            x.reshape(-1, self.d_in).to(self.dtype),
+            self.b_dec,
+            self.encoder.weight,
+            self.encoder.bias,
+            self.k,
+        )
         shape = (*x.shape[:-1], self.k)
         return EncoderOutput(top_acts.reshape(shape), top_indices.reshape(shape))
 
     def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
         """Sum of the active decoder rows (an `embedding_bag`, never a dense product) plus b_dec."""
-        flat = _Decode.apply(
-            top_acts.reshape(-1, top_acts.shape[-1]).to(self.dtype),
-            top_indices.reshape(-1, top_indices.shape[-1]),
-            self.W_dec,
-        )
+        acts = top_acts.reshape(-1, top_acts.shape[-1]).to(self.dtype)
+        indices = top_indices.reshape(-1, top_indices.shape[-1])
+        none = indices[:, :0]
+        flat, _ = _Decode.apply(self.W_dec, acts, indices, acts[:, :0], none)
         return (flat + self.b_dec).reshape(*top_acts.shape[:-1], self.d_in)
 
     def forward(
@@ -224,44 +275,33 @@ class TopKSAE(
     ) -> ForwardOutput:
         """Encode, decode and score a batch `x` [N, d_in]; AuxK loss over `dead_mask` [d_sae] latents."""
         x = x.to(self.dtype)
-        top_acts, top_indices, pre_acts = self._pre_and_top(x)
-        x_hat = self.decode(top_acts, top_indices)
+        dead = None if dead_mask is None else dead_mask.nonzero().squeeze(-1)
+        if dead is not None:
+            k_aux = min(k_aux or self.d_in // 2, dead.numel())
+        # Few dead latents (at most 2 d_in) are mostly selected: a dense block over them beats
+        # gathering k_aux rows per token (see `_aux_select`).
+        block = dead is not None and dead.numel() <= 2 * self.d_in
+        top_acts, top_indices, aux_acts, aux_indices = _TopKEncoder.apply(
+            x, self.b_dec, self.encoder.weight, self.encoder.bias, self.k, dead, k_aux or 0, block
+        )
+        # AuxK's latents predict the residual, which has no b_dec in it: decode them without it.
+        decoded, residual_hat = _Decode.apply(
+            self.W_dec, top_acts, top_indices, aux_acts, aux_indices
+        )
+        x_hat = decoded + self.b_dec
         residual = x - x_hat
         total_variance = (x - x.mean(0)).pow(2).sum()
         fvu = residual.pow(2).sum() / total_variance
 
         auxk_loss = None
-        if dead_mask is not None:
-            dead = dead_mask.nonzero().squeeze(-1)
-            k_aux = min(k_aux or self.d_in // 2, dead.numel())
+        if dead is not None:
             auxk_loss = x.new_zeros(())
             if k_aux > 0:
-                residual_hat = self._aux_decode(x, pre_acts, dead, k_aux)
                 # Normalised by the residual's own variance (Gao et al.): measured against the
                 # total variance the term fades as FVU drops and dead latents stay dead.
                 e = residual.detach()
                 auxk_loss = (residual_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
         return ForwardOutput(x_hat, EncoderOutput(top_acts, top_indices), fvu, auxk_loss)
-
-    def _aux_decode(self, x: Tensor, pre_acts: Tensor, dead: Tensor, k_aux: int) -> Tensor:
-        """The residual as the k_aux most active dead latents of each token decode it.
-
-        No b_dec: the residual has none. When there are few dead latents (at most 2 d_in) most of
-        the [N, n_dead] block is selected, and GEMMs over it beat gathering k_aux rows per token.
-        """
-        pre_dead = pre_acts[:, dead]
-        _, local = pre_dead.topk(k_aux, dim=-1, sorted=False)
-        weight, bias = self.encoder.weight, self.encoder.bias
-        if dead.numel() > 2 * self.d_in:
-            indices = dead[local]
-            acts = _SelectedEncoder.apply(x, self.b_dec, weight, bias, pre_acts, indices)
-            return _Decode.apply(acts, indices, self.W_dec)
-        selected = torch.zeros_like(pre_dead).scatter_(1, local, 1.0)
-        weight = weight.index_select(0, dead)
-        # (x - b_dec) W^T + b = x W^T + (b - W b_dec): b_dec's gradient is then a matrix-vector
-        # product rather than an [N, n_dead] x [n_dead, d_in] one.
-        pre = F.linear(x, weight, bias.index_select(0, dead) - weight @ self.b_dec)
-        return (pre.relu() * selected) @ self.W_dec.index_select(0, dead)
 
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self) -> None:

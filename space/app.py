@@ -149,8 +149,9 @@ def decode(
     )
 
 
-def explore_tab(explorer: Explorer, inputs: list[gr.Component]) -> None:
-    """Heat map, per-token table and feature panel, wired to `inputs` (prompt, layer, ratio, seed)."""
+def explore_tab(explorer: Explorer, inputs: list[gr.Component]) -> gr.Number:
+    """Heat map, per-token table and feature panel, wired to `inputs` (prompt, layer, ratio, seed);
+    returns the feature box."""
     prompt, layer, ratio, seed = inputs
     run = gr.Button("Analyse", variant="primary")
     info = gr.Markdown()
@@ -196,10 +197,12 @@ def explore_tab(explorer: Explorer, inputs: list[gr.Component]) -> None:
     table.select(pick_feature, table, feature, api_name=False).then(
         **feature_io, inputs=[*inputs, feature], api_name=False
     )
+    return feature
 
 
-def decode_tab(explorer: Explorer, inputs: list[gr.Component]) -> None:
-    """Iterative decoding of the masked positions, plain and with one feature clamped."""
+def decode_tab(explorer: Explorer, inputs: list[gr.Component], explored: gr.Number) -> None:
+    """Iterative decoding of the masked positions, plain and with one feature clamped (by default
+    the feature shown in the Explore tab)."""
     if explorer.head is None:
         gr.Markdown(f"Decoding needs an LM head; `{explorer.base.name}` has none.")
         return
@@ -212,6 +215,7 @@ def decode_tab(explorer: Explorer, inputs: list[gr.Component]) -> None:
         steps = gr.Slider(1, 64, value=8, step=1, label="Steps")
         feature = gr.Number(label="Feature to clamp", precision=0, minimum=0, value=0)
         value = gr.Number(label="Clamp value", value=10.0)
+    explored.change(lambda f: f, explored, feature, api_name=False)
     run = gr.Button("Decode", variant="primary")
     with gr.Row():
         plain = gr.HighlightedText(label="Unsteered", elem_id="plain")
@@ -251,9 +255,9 @@ def build_app(source: str | Explorer | None = None) -> gr.Blocks:
                 seed = gr.Number(value=0, precision=0, label="Seed")
         inputs = [prompt, layers, ratio, seed]
         with gr.Tab("Explore"):
-            explore_tab(explorer, inputs)
+            feature = explore_tab(explorer, inputs)
         with gr.Tab("Decode"):
-            decode_tab(explorer, inputs)
+            decode_tab(explorer, inputs, feature)
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
     return demo
 

@@ -17,6 +17,8 @@ from typing import NamedTuple
 import pandas as pd
 import torch
 from diffusion import Decoding, Steering, denoise, vocab_limit
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
 from torch import Tensor, nn
 
 from hub_sae.activations import capture
@@ -48,11 +50,9 @@ def suite_info(source: str) -> dict:
     """suite.json of a local folder or hub repo; {} for layouts without one (dictionary_learning)."""
     if Path(source).is_dir():
         return read_suite(source) if (Path(source) / SUITE_FILE).is_file() else {}
-    from huggingface_hub import hf_hub_download
-
     try:
         return read_suite(Path(hf_hub_download(source, SUITE_FILE)).parent)
-    except Exception:  # no suite.json in the repo, or offline: the SAE configs still say enough
+    except EntryNotFoundError:  # a release without suite.json: the SAE configs say enough
         return {}
 
 
@@ -64,11 +64,9 @@ def suite_features(source: str, info: dict, sae: TopKSAE) -> FeatureStats | None
     if Path(source).is_dir():
         path = Path(source) / name
         return load_features(path) if path.is_file() else None
-    from huggingface_hub import hf_hub_download
-
     try:
         return load_features(hf_hub_download(source, name))
-    except Exception:  # the suite was published without feature statistics
+    except EntryNotFoundError:  # the suite was published without feature statistics
         return None
 
 
@@ -249,7 +247,7 @@ class Explorer:
         return Analysis(prompt, latents)
 
     def check_layer(self, layer: int) -> int:
-        if int(layer) not in self.saes:
+        if layer is None or int(layer) not in self.saes:
             raise InputError(f"No SAE for layer {layer}; this suite has layers {self.layers}.")
         return int(layer)
 

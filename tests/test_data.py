@@ -48,7 +48,7 @@ def test_token_batches_shape_and_resume(tokenizer) -> None:
         assert ids.shape == mask.shape == (4, 32) and mask.all() and (ids[:, 0] == BOS).all()
     skipped = list(token_batches(cfg, tokenizer, BOS, EOS, skip_batches=2))
     assert len(skipped) == len(batches) - 2
-    assert all((a[0] == b[0]).all() for a, b in zip(skipped, batches[2:]))
+    assert all((a[0] == b[0]).all() for a, b in zip(skipped, batches[2:], strict=False))
 
 
 def test_local_txt_and_jsonl(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from hub_sae.activations import capture  # noqa: E402
 from hub_sae.models.llada import save_llada_model  # noqa: E402
 from hub_sae.sae import TopKSAE  # noqa: E402
 from hub_sae.suite import save_suite  # noqa: E402
+from tests.test_formats import populate_hub_cache, raw_weights, write_dictionary_learning  # noqa: E402
 from tests.test_llada import tiny_model  # noqa: E402
 
 PROMPT = "The [MASK] statement is used to leave a loop early, and [MASK] skips ahead."
@@ -222,6 +223,27 @@ def test_clamp_to_the_features_own_value_changes_nothing(llada):
         assert torch.equal(plain.ids, clamped.ids)
 
 
+def test_default_is_the_published_llada_release(llada, tmp_path, monkeypatch):
+    """No HUB_SAE_SUITE and no runs/: the DLM-Scope repo, read here from an offline hub cache
+    holding a miniature of it (dictionary_learning layout, no suite.json, no features)."""
+    import huggingface_hub.constants
+
+    release = tmp_path / "release" / "saes_mask_LLaDA-8B-Base_top_k"
+    for layer in (1, 2):
+        folder = release / f"resid_post_layer_{layer}" / "trainer_0"
+        write_dictionary_learning(folder, raw_weights(layer, d_in=64, d_sae=128), layer, k=8)
+    populate_hub_cache(tmp_path / "cache", LLADA_SUITE, tmp_path / "release")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HUB_SAE_SUITE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    explorer = Explorer.load(device="cpu", base_model=llada.base.name)
+    assert explorer.title == LLADA_SUITE and explorer.layers == [1, 2]
+    assert explorer.policy == "mask" and explorer.features == {1: None, 2: None}
+    assert explorer.saes[1].base_model == "GSAI-ML/LLaDA-8B-Base"
+    analysis = explorer.analyse(llada_prompt(2), 0.0, 0)
+    assert int(analysis.prompt.analysed.sum()) == 2
+
+
 def test_llada_handlers_decode_and_show_the_logit_lens(llada):
     text = llada_prompt(3)
     *_, heat, summary, contexts, lens = app.analyse(llada, text, 1, 0.0, 0)
@@ -282,3 +304,29 @@ def test_twenty_concurrent_clients(server):
     with ThreadPoolExecutor(20) as pool:
         infos = list(pool.map(one, range(20)))
     assert all("analysed" in info for info in infos)
+
+
+def test_api_decode_on_llada(llada):
+    demo = app.build_app(llada)
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True)
+    try:
+        client = Client(demo.local_url, verbose=False)
+        plain, steered, plain_trace, steered_trace = client.predict(
+            llada_prompt(3), 2, 0.0, 0, 3, 5, 1e4, api_name="/decode"
+        )
+    finally:
+        demo.close()
+    assert [t["class_or_confidence"] for t in plain].count("generated") == 3
+    assert column(plain_trace, "masked left") == [2, 1, 0] and len(steered) == len(plain)
+
+
+def test_main_serves_on_localhost_7860_by_default(monkeypatch, explorer):
+    calls = {}
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
+    monkeypatch.setattr(Explorer, "load", classmethod(lambda cls, *a, **kw: explorer))
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: calls.update(kw))
+    app.main([])
+    assert (calls["server_name"], calls["server_port"]) == ("127.0.0.1", 7860)
+    app.main(["--host", "0.0.0.0", "--port", "8000"])
+    assert (calls["server_name"], calls["server_port"]) == ("0.0.0.0", 8000)

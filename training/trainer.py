@@ -10,9 +10,9 @@ import copy
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import yaml
@@ -69,6 +69,16 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     log_with: list[str] = field(default_factory=list, metadata={"help": "accelerate trackers: tensorboard, wandb"})
+
+    def __post_init__(self) -> None:
+        # YAML 1.1 reads `3e-4` (no dot) as a string: accept it wherever a float is meant.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "float" and isinstance(value, (str, int)) and not isinstance(value, bool):
+                try:
+                    setattr(self, f.name, float(value))
+                except ValueError:
+                    raise ValueError(f"{f.name} must be a number; got {value!r}.") from None
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> TrainConfig:
