@@ -322,7 +322,18 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def case_key(result: dict) -> tuple:
+    return result["data"], result["d_in"], result["d_sae"], result["k"]
+
+
 def write(results: list[dict], skip: dict[str, str]) -> None:
+    """RESULTS with these results, keeping earlier ones of cases not run now (e.g. after --small)."""
+    if RESULTS.exists():
+        new = {case_key(r) for r in results}
+        kept = [r for r in json.loads(RESULTS.read_text())["results"] if case_key(r) not in new]
+        results = sorted(
+            kept + results, key=lambda r: (r["d_in"], r["data"] == "minilm", r["d_sae"], r["k"])
+        )
     versions = {"torch": torch.__version__}
     for name, package in PACKAGES.items():
         if name not in skip:
@@ -335,7 +346,6 @@ def write(results: list[dict], skip: dict[str, str]) -> None:
         "auxk_alpha": AUXK_ALPHA,
         "dead_share": DEAD_SHARE,
         "eval_tokens": EVAL_TOKENS,
-        "threads": torch.get_num_threads(),
         "versions": versions,
         "skipped": skip,
         "targets": TARGETS,
@@ -348,8 +358,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="d_in 384 cases only")
     parser.add_argument("--only-hub", action="store_true", help="run hub-sae alone")
+    parser.add_argument("--threads", type=int, default=THREADS, help="torch CPU threads")
     args = parser.parse_args()
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
     skip = missing_references()
     for name, why in skip.items():
         print(f"reference {name} skipped: {why}")
@@ -359,11 +370,18 @@ def main() -> None:
     for case in SMALL if args.small else SMALL + LARGE:
         print(f"{case} ...", flush=True)
         load = os.getloadavg()[0]
-        results.append({**bench_case(case, skip), "load_avg_1min": [load, os.getloadavg()[0]]})
+        if load > 0.5:
+            print(
+                f"warning: load average {load:.1f} before the run; busy cores stall every "
+                "multi-threaded op, so these timings will be slow and noisy"
+            )
+        result = bench_case(case, skip)
+        result.update(threads=args.threads, load_avg_1min=[load, os.getloadavg()[0]])
+        results.append(result)
         print(table(results[-1:]), flush=True)
         write(results, skip)  # after every case, so a long run that dies keeps what it measured
     print(
-        f"\nTopK SAE train step, batch {BATCH}, fused Adam lr {LR}, {THREADS} CPU threads, torch {torch.__version__}"
+        f"\nTopK SAE train step, batch {BATCH}, fused Adam lr {LR}, {args.threads} CPU threads, torch {torch.__version__}"
     )
     print(table(results))
     print(f"wrote {RESULTS}")

@@ -368,9 +368,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
         outs = model(x, cfg.layers, dead, cfg.k_aux)
         loss = sum(o.fvu + cfg.auxk_alpha * o.auxk_loss for o in outs.values())
         accelerator.backward(loss)
-        for sae in saes.saes.values():
+        for sae in saes.saes.values():  # each SAE as if trained alone: its own clip
             sae.remove_gradient_parallel_to_decoder_directions()
-        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
