@@ -302,13 +302,14 @@ def bench_case(case: Case, skip: dict[str, str]) -> dict[str, object]:
 def table(results: list[dict]) -> str:
     """Markdown: tokens/s (held-out FVU) of each library, the floor, and hub-sae's ratios."""
     names = {"hub_sae": "hub-sae", "sparsify": "sparsify", "saelens": "SAELens"}
-    head = "| data | d_in | d_sae | k | tokens | floor ms |"
+    head = "| data | d_in | d_sae | k | threads | tokens | floor ms |"
     head += "".join(f" {label} tok/s (FVU) |" for label in names.values())
     head += " hub step / floor | vs sparsify | vs SAELens |"
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         libs, speed = r["libraries"], r["speedup"]
-        cells = [r["data"], r["d_in"], r["d_sae"], r["k"], r["tokens"], f"{r['floor_ms']:.1f}"]
+        cells = [r["data"], r["d_in"], r["d_sae"], r["k"], r.get("threads", "-"), r["tokens"]]
+        cells.append(f"{r['floor_ms']:.1f}")
         for name in names:
             lib = libs.get(name)
             cells.append(f"{lib['tokens_per_s']:.0f} ({lib['fvu']:.3f})" if lib else "-")

@@ -4,8 +4,10 @@
     x_hat = z W_dec + b_dec                          (rows of W_dec have unit norm)
 
 Only the k active latents of each token are ever touched after the encoder GEMM: decoding is an
-`embedding_bag` over them, and the encoder's backward scatters its gradient through the same
-k indices, so no dense (tokens x d_sae) tensor is built in decode or in any backward pass.
+`embedding_bag` over them, and the weight gradients are `embedding_bag`s too, over the (token,
+latent) pairs sorted by latent, so no dense (tokens x d_sae) tensor is built in decode or in any
+backward pass. AuxK works the same way, except over at most 2 d_in dead latents, where a dense
+[tokens, n_dead] block and GEMMs are cheaper than gathering d_in / 2 rows per token.
 """
 
 from __future__ import annotations
