@@ -129,7 +129,9 @@ class _TopKEncoder(torch.autograd.Function):
         ctx.save_for_backward(sae_in, weight, indices, values, aux_indices, aux_values)
         ctx.mark_non_differentiable(indices, aux_indices)
         ctx.set_materialize_grads(False)  # a missing gradient stays None, not a dense zero
-        return values.relu(), indices, aux_values.relu(), aux_indices
+        # AuxK keeps the raw pre-activations: a dead latent is usually dead because they went
+        # negative, and a ReLU there would cut the very gradient that is to revive it.
+        return values.relu(), indices, aux_values, aux_indices
 
     @staticmethod
     def backward(ctx, grad_acts, _grad_indices, grad_aux, _grad_aux_indices):  # type: ignore[override]
@@ -138,7 +140,9 @@ class _TopKEncoder(torch.autograd.Function):
         n_rows = weight.shape[0]
         # ReLU; a missing gradient is a zero one
         grad = grad_acts * (values > 0) if grad_acts is not None else torch.zeros_like(values)
-        aux = grad_aux * (aux_values > 0) if grad_aux is not None else torch.zeros_like(aux_values)
+        aux = grad_aux if grad_aux is not None else torch.zeros_like(aux_values)
+        if aux_indices.dim() == 1:  # dense block: only the selected (non-zero) entries count
+            aux = aux * (aux_values != 0)
         block = aux_indices.dim() == 1
         if not block:  # one sparse selection: the top k and AuxK's side by side
             indices, grad = torch.cat([indices, aux_indices], 1), torch.cat([grad, aux], 1)

@@ -15,7 +15,8 @@ def reference(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor | None = None, k
     loss = (x - x_hat).pow(2).sum() / total
     if dead is not None:
         d = dead.nonzero().squeeze(-1)
-        aux_acts, aux_idx = pre[:, d].topk(k_aux)
+        raw = (x - sae.b_dec) @ sae.encoder.weight.T + sae.encoder.bias  # AuxK: no ReLU
+        aux_acts, aux_idx = raw[:, d].topk(k_aux)
         z_aux = torch.zeros_like(pre).scatter(1, d[aux_idx], aux_acts)
         e = (x - x_hat).detach()
         loss = loss + (z_aux @ sae.W_dec - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
@@ -54,9 +55,11 @@ def test_encode_keeps_leading_dims(sae):
     )
 
 
-def test_gradients_match_dense_reference_including_auxk(sae):
+@pytest.mark.parametrize("n_dead", [40, 100])  # <= 2 d_in: a dense block over the dead; else sparse
+def test_gradients_match_dense_reference_including_auxk(sae, n_dead):
     x = torch.randn(40, 32, requires_grad=True)
-    dead = torch.rand(128) < 0.5
+    dead = torch.zeros(128, dtype=torch.bool)
+    dead[torch.randperm(128)[:n_dead]] = True
     out = sae(x, dead_mask=dead, k_aux=8)
     (out.fvu + out.auxk_loss).backward()
     ours = {n: p.grad.clone() for n, p in sae.named_parameters()}
