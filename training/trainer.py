@@ -50,7 +50,7 @@ class TrainConfig:
     total_tokens: int = field(default=300_000, metadata={"help": "activations each SAE trains on (all ranks)"})
     sae_batch_size: int = 1024
     buffer_tokens: int = field(default=16_384, metadata={"help": "shuffle buffer size, in activations"})
-    lr: float = 1e-3
+    lr: float = 2e-3
     beta1: float = 0.9
     beta2: float = 0.999
     warmup_steps: int = 50
