@@ -338,7 +338,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
     stream = ActivationStream(base, cfg, accelerator.process_index, accelerator.num_processes)
     world_batch = cfg.sae_batch_size * accelerator.num_processes
     total_steps = max(1, cfg.total_tokens // world_batch)
-    optimizer = torch.optim.Adam(saes.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    optimizer = torch.optim.Adam(saes.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     since_fired = {SAESet.name(layer, k): torch.zeros(saes.sae(layer, k).d_sae, dtype=torch.long) for layer, k in saes.keys}
 
