@@ -5,7 +5,6 @@ SPACE_SCREENSHOT=1 to also save the page to space/screenshot.png.
 """
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -25,15 +24,11 @@ PROMPT = (
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def url(trained_suite):
     import app
+
+    from tests.test_space import free_port
 
     demo = app.build_app(str(trained_suite))
     demo.launch(
