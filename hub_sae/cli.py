@@ -11,7 +11,6 @@ SUITE is a suite folder, or (eval, card) a hub repo id downloaded with snapshot_
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
@@ -34,82 +33,6 @@ def resolve_suite(suite: str, local_dir: str | None = None, revision: str | None
     return Path(snapshot_download(suite, revision=revision, local_dir=target))
 
 
-def evaluate_saved_suite(
-    root: Path,
-    max_tokens: int | None = None,
-    device: str = "cpu",
-    dtype: str | None = None,
-    corpus: str | None = None,
-    split: str | None = None,
-    seed: int = 0,
-) -> dict[tuple[int, int], dict]:
-    """Re-measure every SAE of a suite on held-out text under its policy and corruption.
-
-    Writes each layer's metrics.json (keys not measured here, e.g. `train_dead_share`, are kept)
-    and the summary metrics.json at the root; returns the metrics per (layer, k).
-    """
-    import torch
-
-    from hub_sae.cards import METRICS, SUMMARY_FILE
-    from hub_sae.data import DataConfig
-    from hub_sae.evaluate import evaluate_suite
-    from hub_sae.masking import Corruption
-    from hub_sae.models import load_base_model
-    from hub_sae.sae import TopKSAE
-    from hub_sae.suite import SUITE_FILE, layer_folders, read_suite, write_json
-
-    suite = read_suite(root)
-    run = suite.get("training", {})
-    if "corruption" not in suite:
-        raise ValueError(f"{root / SUITE_FILE} has no `corruption` block; re-train with hub-sae.")
-    data = DataConfig(
-        corpus=corpus or run.get("eval_corpus") or run.get("corpus", "pydoc"),
-        split=split or run.get("eval_split", "heldout"),
-        text_field=run.get("text_field", "text"),
-        ctx_len=run.get("ctx_len", 128),
-        batch_size=run.get("llm_batch_size", 8),
-        seed=seed,
-    )
-    dtype = dtype or run.get("dtype", "float32")
-    max_tokens = max_tokens or run.get("eval_tokens", 16_384)
-    base = load_base_model(suite["base_model"], dtype=getattr(torch, dtype), device=device)
-    folders = layer_folders(root)
-    saes = {
-        key: TopKSAE.from_pretrained(folder, device=device).eval()
-        for key, folder in folders.items()
-    }
-    corruption = Corruption(**suite["corruption"])
-    metrics = evaluate_suite(base, saes, suite["policy"], corruption, data, max_tokens, seed=seed)
-    for key, values in metrics.items():
-        path = folders[key] / "metrics.json"
-        previous = json.loads(path.read_text()) if path.is_file() else {}
-        write_json(path, {**previous, **values})
-    settings = {
-        "corpus": data.corpus,
-        "split": data.split,
-        "ctx_len": data.ctx_len,
-        "batch_size": data.batch_size,
-        "max_tokens": max_tokens,
-        "seed": seed,
-        "policy": suite["policy"],
-        "corruption": suite["corruption"],
-        "dtype": dtype,
-        "device": str(device),
-    }
-    results = [
-        {
-            "folder": folders[key].relative_to(root).as_posix(),
-            "layer": key[0],
-            "k": key[1],
-            "tokens": values["tokens"],
-            **{m.key: values[m.key] for m in METRICS if m.key in values},
-        }
-        for key, values in sorted(metrics.items())
-    ]
-    write_json(root / SUMMARY_FILE, {"eval": settings, "results": results})
-    return metrics
-
-
 def _eval(args: argparse.Namespace) -> int:
     from hub_sae.cards import SUMMARY_FILE, metric_table
 
@@ -119,6 +42,8 @@ def _eval(args: argparse.Namespace) -> int:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    from hub_sae.evaluate import evaluate_saved_suite
+
     metrics = evaluate_saved_suite(
         root, args.max_tokens, device, args.dtype, args.corpus, args.split, args.seed
     )
@@ -181,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", help="base-model dtype (default: the run's dtype)")
     ev.add_argument("--corpus", help="held-out corpus (default: the run's corpus)")
     ev.add_argument(
-        "--split", default=None, help="corpus split (default: the one the suite was evaluated on when trained)"
+        "--split",
+        default=None,
+        help="corpus split (default: the one the suite was evaluated on when trained)",
     )
     ev.add_argument("--seed", type=int, default=0, help="seed of the document order and the masks")
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +23,7 @@ from torch import Tensor
 from hub_sae.activations import harvest, splice
 from hub_sae.data import DataConfig, token_batches
 from hub_sae.masking import CorruptedBatch, Corruption
-from hub_sae.models import BaseModel
+from hub_sae.models import BaseModel, load_base_model
 from hub_sae.sae import TopKSAE
 
 DENSITY_BINS = torch.linspace(-6, 0, 13)
@@ -32,7 +34,12 @@ class _Moments:
     """Running sums for FVU: squared error, sum of x, sum of ||x||^2."""
 
     def __init__(self, d: int):
-        self.n, self.sq_err, self.sum, self.sum_sq = 0, 0.0, torch.zeros(d, dtype=torch.float64), 0.0
+        self.n, self.sq_err, self.sum, self.sum_sq = (
+            0,
+            0.0,
+            torch.zeros(d, dtype=torch.float64),
+            0.0,
+        )
 
     def add(self, x: Tensor, x_hat: Tensor) -> None:
         x64 = x.double()
@@ -62,7 +69,9 @@ def _batches(base: BaseModel, data: DataConfig) -> Iterator[tuple[Tensor, Tensor
 
 def masked_lm_loss(logits: Tensor, targets: Tensor, batch: CorruptedBatch) -> Tensor:
     """LLaDA's objective: cross entropy on masked tokens weighted 1/p, averaged over real tokens."""
-    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(
+        targets
+    )
     weights = batch.is_masked.float() / batch.p.clamp_min(1e-6)[:, None]
     return (ce * weights).sum() / targets.numel()
 
@@ -89,7 +98,9 @@ def splice_outputs(
     return outputs
 
 
-def _splice_metrics(base: BaseModel, sae: TopKSAE, batches: list[tuple[Tensor, Tensor, CorruptedBatch]]) -> dict:
+def _splice_metrics(
+    base: BaseModel, sae: TopKSAE, batches: list[tuple[Tensor, Tensor, CorruptedBatch]]
+) -> dict:
     sums: dict[str, float] = {}
 
     def add(name: str, value: Tensor | float) -> None:
@@ -112,7 +123,9 @@ def _splice_metrics(base: BaseModel, sae: TopKSAE, batches: list[tuple[Tensor, T
     metrics = {name: value / n for name, value in sums.items()}
     if "ce_clean" in metrics:
         gap = metrics["ce_zero"] - metrics["ce_clean"]
-        metrics["loss_recovered"] = (metrics["ce_zero"] - metrics["ce_spliced"]) / gap if gap else math.nan
+        metrics["loss_recovered"] = (
+            (metrics["ce_zero"] - metrics["ce_spliced"]) / gap if gap else math.nan
+        )
         metrics["delta_loss"] = metrics["ce_spliced"] - metrics["ce_clean"]
     if "rel_mse_zero" in metrics:
         metrics["output_recovered"] = 1 - metrics["rel_mse_spliced"] / metrics["rel_mse_zero"]
@@ -123,7 +136,11 @@ def density_histogram(frequency: Tensor) -> dict:
     """Histogram of log10 firing frequency; latents that never fired are counted as `never`."""
     fired = frequency[frequency > 0]
     counts = torch.histogram(fired.log10().clamp(-6, 0).double(), bins=DENSITY_BINS.double()).hist
-    return {"log10_edges": DENSITY_BINS.tolist(), "counts": counts.long().tolist(), "never": int((frequency == 0).sum())}
+    return {
+        "log10_edges": DENSITY_BINS.tolist(),
+        "counts": counts.long().tolist(),
+        "never": int((frequency == 0).sum()),
+    }
 
 
 @torch.no_grad()
@@ -160,7 +177,9 @@ def evaluate_suite(
         if tokens >= max_tokens:
             break
     if tokens == 0:
-        raise ValueError(f"no held-out activations from {data.corpus!r} ({data.split}) under policy {policy!r}.")
+        raise ValueError(
+            f"no held-out activations from {data.corpus!r} ({data.split}) under policy {policy!r}."
+        )
 
     metrics = {}
     for key, sae in saes.items():
@@ -177,4 +196,73 @@ def evaluate_suite(
             "density_histogram": density_histogram(frequency),
             **_splice_metrics(base, sae, kept),
         }
+    return metrics
+
+
+def evaluate_saved_suite(
+    root: Path,
+    max_tokens: int | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+    corpus: str | None = None,
+    split: str | None = None,
+    seed: int = 0,
+) -> dict[tuple[int, int], dict]:
+    """Re-measure every SAE of a suite on held-out text under its policy and corruption.
+
+    Writes each layer's metrics.json (keys not measured here, e.g. `train_dead_share`, are kept)
+    and the summary metrics.json at the root; returns the metrics per (layer, k).
+    """
+    from hub_sae.cards import METRICS, SUMMARY_FILE
+    from hub_sae.suite import SUITE_FILE, layer_folders, read_suite, write_json
+
+    suite = read_suite(root)
+    run = suite.get("training", {})
+    if "corruption" not in suite:
+        raise ValueError(f"{root / SUITE_FILE} has no `corruption` block; re-train with hub-sae.")
+    data = DataConfig(
+        corpus=corpus or run.get("eval_corpus") or run.get("corpus", "pydoc"),
+        split=split or run.get("eval_split", "heldout"),
+        text_field=run.get("text_field", "text"),
+        ctx_len=run.get("ctx_len", 128),
+        batch_size=run.get("llm_batch_size", 8),
+        seed=seed,
+    )
+    dtype = dtype or run.get("dtype", "float32")
+    max_tokens = max_tokens or run.get("eval_tokens", 16_384)
+    base = load_base_model(suite["base_model"], dtype=getattr(torch, dtype), device=device)
+    folders = layer_folders(root)
+    saes = {
+        key: TopKSAE.from_pretrained(folder, device=device).eval()
+        for key, folder in folders.items()
+    }
+    corruption = Corruption(**suite["corruption"])
+    metrics = evaluate_suite(base, saes, suite["policy"], corruption, data, max_tokens, seed=seed)
+    for key, values in metrics.items():
+        path = folders[key] / "metrics.json"
+        previous = json.loads(path.read_text()) if path.is_file() else {}
+        write_json(path, {**previous, **values})
+    settings = {
+        "corpus": data.corpus,
+        "split": data.split,
+        "ctx_len": data.ctx_len,
+        "batch_size": data.batch_size,
+        "max_tokens": max_tokens,
+        "seed": seed,
+        "policy": suite["policy"],
+        "corruption": suite["corruption"],
+        "dtype": dtype,
+        "device": str(device),
+    }
+    results = [
+        {
+            "folder": folders[key].relative_to(root).as_posix(),
+            "layer": key[0],
+            "k": key[1],
+            "tokens": values["tokens"],
+            **{m.key: values[m.key] for m in METRICS if m.key in values},
+        }
+        for key, values in sorted(metrics.items())
+    ]
+    write_json(root / SUMMARY_FILE, {"eval": settings, "results": results})
     return metrics

@@ -134,6 +134,7 @@ class ActivationStream:
     Rank r takes every world-th LLM batch; each epoch re-reads the corpus in a new order with fresh
     corruption. The position (epoch, batches read) and the generators are checkpointed; what sat in
     the buffer at checkpoint time is not, so a resumed run skips at most one buffer of activations.
+    With `remaining` set (SAE batches still to be drawn), the last refills harvest only what is used.
     """
 
     def __init__(self, base: BaseModel, cfg: TrainConfig, rank: int, world: int):
@@ -143,6 +144,7 @@ class ActivationStream:
         self.mask_generator = torch.Generator(base.device).manual_seed(cfg.seed * 1009 + rank)
         self.shuffle_generator = torch.Generator().manual_seed(cfg.seed * 2003 + rank)
         self.buffer: Tensor | None = None
+        self.remaining: int | None = None
 
     def _llm_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         while True:
@@ -184,13 +186,17 @@ class ActivationStream:
         while True:
             parts = [self.buffer] if self.buffer is not None else []
             n = sum(len(p) for p in parts)
-            while n < size:
+            # half of the buffer is drawn per fill: near the end, twice what is left is enough
+            need = size if self.remaining is None else min(size, 2 * batch * max(1, self.remaining))
+            while n < need:
                 parts.append(self.harvest_batch(batches))
                 n += len(parts[-1])
             buffer = torch.cat(parts)
             buffer = buffer[torch.randperm(len(buffer), generator=self.shuffle_generator).to(buffer.device)]
             half = (len(buffer) // 2) // batch * batch
             for start in range(0, half, batch):
+                if self.remaining is not None:
+                    self.remaining -= 1
                 yield buffer[start : start + batch]
             self.buffer = buffer[half:]
 
@@ -350,9 +356,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
         state = TrainState(**saved["state"])
         since_fired = saved["since_fired"]
         stream.load_state_dict(torch.load(checkpoint / f"rank_{accelerator.process_index}.pt", weights_only=True))
+        stream.remaining = total_steps - state.step
         batches = iter(stream)
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
     else:
+        stream.remaining = total_steps + 1  # the first batch initialises b_dec and the scale
         batches = iter(stream)
         state = TrainState(scale=initialise(saes, batches, cfg, accelerator))
 
