@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"
 "$PYTHON" benchmarks/harvest.py
 "$PYTHON" benchmarks/train_step.py "$@"
+"$PYTHON" benchmarks/fvu_curve.py
 if [[ -f benchmarks/space_latency.py ]]; then
     "$PYTHON" benchmarks/space_latency.py
 fi

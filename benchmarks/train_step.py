@@ -352,7 +352,9 @@ def write(results: list[dict], skip: dict[str, str]) -> None:
         "targets": TARGETS,
         "results": results,
     }
-    RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp = RESULTS.with_suffix(".tmp")  # a run killed mid-write leaves the old results whole
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, RESULTS)
 
 
 def main() -> None:

@@ -130,7 +130,8 @@ class _TopKEncoder(torch.autograd.Function):
         ctx.mark_non_differentiable(indices, aux_indices)
         ctx.set_materialize_grads(False)  # a missing gradient stays None, not a dense zero
         # AuxK keeps the raw pre-activations: a dead latent is usually dead because they went
-        # negative, and a ReLU there would cut the very gradient that is to revive it.
+        # negative, and a ReLU there would cut the very gradient that is to revive it (on MiniLM
+        # layers 1 and 5 at alpha 1/32: 16-20 % dead with a ReLU here, 1-2 % without).
         return values.relu(), indices, aux_values, aux_indices
 
     @staticmethod

@@ -17,7 +17,7 @@ from hub_sae.features import load_features
 from hub_sae.suite import validate_suite
 from tests.conftest import TINY_RUN
 from training.train import parse_args
-from training.trainer import TrainConfig, geometric_median, lr_lambda
+from training.trainer import ActivationStream, TrainConfig, geometric_median, lr_lambda
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,6 +81,24 @@ def test_saved_weights_take_raw_activations(trained_suite: Path) -> None:
     sae = TopKSAE.from_pretrained(trained_suite, layer=3)
     out = sae(h.acts[3])
     assert out.fvu < 0.9
+
+
+def test_stream_harvests_only_what_is_still_drawn() -> None:
+    """A big shuffle buffer is not filled for the last few SAE batches of a run."""
+    from hub_sae.models import load_base_model
+
+    cfg = TrainConfig(**{**TINY_RUN, "buffer_tokens": 8192, "sae_batch_size": 64})
+    base = load_base_model(cfg.model)
+    drawn = []
+    for limit in (None, 3):
+        stream = ActivationStream(base, cfg, rank=0, world=1)
+        stream.remaining = limit
+        batches = iter(stream)
+        shapes = [next(batches).shape for _ in range(3)]
+        assert shapes == [(64, len(cfg.layers), base.d_model)] * 3
+        drawn.append(stream.batches_read)
+    # 8k activations take ~60 LLM batches; 2 x 3 x 64 (a fill is twice what is drawn) take one or two
+    assert 1 <= drawn[1] and drawn[1] * 10 < drawn[0], drawn
 
 
 def test_geometric_median_resists_outliers() -> None:
