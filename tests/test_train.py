@@ -129,7 +129,7 @@ def test_unknown_config_key_names_valid_keys(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ({"layers": [1, 9]}, "layers \\[9\\] invalid: minilm has blocks 0..5"),
+        ({"layers": [1, 9]}, r"block indices in 0\.\.5 .*got \[1, 9\]"),
         ({"ks": [768]}, "0 < k < d_sae=768"),
         ({"corpus": "no/such/corpus.txt"}, "corpus 'no/such/corpus.txt' does not exist"),
         ({"policy": "masked"}, "unknown mask policy 'masked'"),

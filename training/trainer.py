@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from hub_sae.activations import harvest
+from hub_sae.activations import check_layers, harvest
 from hub_sae.data import DataConfig, iter_texts, token_batches
 from hub_sae.evaluate import evaluate_suite
 from hub_sae.features import collect_features
@@ -93,9 +93,7 @@ class TrainConfig:
         """Stop with a clear message before anything is written."""
         check_policy(self.policy)
         Corruption(self.schedule, self.t_min, self.t_max)
-        bad = [layer for layer in self.layers if not 0 <= layer < base.n_layers]
-        if bad or not self.layers:
-            raise ValueError(f"layers {bad or self.layers} invalid: {self.model} has blocks 0..{base.n_layers - 1}.")
+        check_layers(base, self.layers)
         d_sae = self.latents(base.d_model)
         if any(not 0 < k < d_sae for k in self.ks):
             raise ValueError(f"every k must satisfy 0 < k < d_sae={d_sae}; got ks={self.ks}.")
