@@ -22,7 +22,11 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from hub_sae.data import DEFAULT_CORPUS, is_local_corpus
 from hub_sae.suite import SUITE_FILE, layer_folders, read_suite, sae_folder
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "template.md"
+_TEMPLATES = (
+    Path(__file__).resolve().parents[1] / "model_cards" / "template.md",  # a source checkout
+    Path(__file__).resolve().parent / "model_cards" / "template.md",  # an installed wheel
+)
+TEMPLATE = next((path for path in _TEMPLATES if path.is_file()), _TEMPLATES[0])
 CARD_FILE = "README.md"
 PLOT_FILE = "fvu_per_layer.png"
 SUMMARY_FILE = "metrics.json"

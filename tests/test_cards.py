@@ -143,3 +143,26 @@ def test_card_of_a_suite_without_metrics_says_to_evaluate(trained_suite, tmp_pat
     (root / "layer_1" / "metrics.json").unlink()
     with pytest.raises(FileNotFoundError, match="hub-sae eval"):
         suite_spec(root)
+
+
+def test_wheel_ships_the_card_template(tmp_path):
+    """`pip install hub-sae` (no checkout) can still render cards: the template is in the wheel."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root, src = Path(__file__).resolve().parent.parent, tmp_path / "src"
+    src.mkdir()  # built from a copy: a build leaves build/ and *.egg-info behind
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src)
+    for name in ("hub_sae", "model_cards"):
+        shutil.copytree(root / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(src)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("hub_sae-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "hub_sae/model_cards/template.md" in names
+    assert not any("llada-8b-mask" in name for name in names)  # release cards stay in the repo
