@@ -122,6 +122,13 @@ def test_fold_input_scale_gives_raw_input_sae(sae):
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(128))
 
 
+def test_encoder_starts_as_the_unit_norm_decoder_transpose():
+    sae = TopKSAE(d_in=16, d_sae=64, k=4)
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(64))
+    assert torch.equal(sae.encoder.weight, sae.W_dec)
+    assert sae.encoder.weight.data_ptr() != sae.W_dec.data_ptr()  # equal at the start, trained apart
+
+
 def test_bad_k_is_refused():
     with pytest.raises(ValueError, match="k must satisfy 0 < k < d_sae"):
         TopKSAE(d_in=8, d_sae=16, k=16)
