@@ -1,9 +1,9 @@
 """Held-out FVU against training steps: hub-sae vs eai-sparsify vs SAELens on MiniLM layer 3.
 
 `train_step.py` compares FVU after its 64 timed steps only. This runs the same three set-ups
-(its runners: same batches, Adam lr, b_dec init and AuxK mask) for the length of the default
-training run (290 steps of 1024 tokens) and measures FVU on held-out activations along the way,
-to tell a slower start from a worse end point.
+(its runners: same batches, Adam lr, b_dec init and AuxK mask) for twice the length of the
+default training run (580 steps of 1024 tokens) and measures FVU on held-out activations along the
+way, to tell a slower start from a worse end point.
 
     python benchmarks/fvu_curve.py
 """
@@ -29,7 +29,7 @@ from train_step import (
 )
 
 RESULTS = Path(__file__).parent / "results" / "fvu_curve.json"
-CHECKPOINTS = (16, 64, 150, 290)
+CHECKPOINTS = (16, 64, 150, 290, 580)  # 290: the default run's length
 
 
 def main() -> None:
@@ -48,7 +48,7 @@ def main() -> None:
     for name, make in {"hub_sae": hub_runner, **REFERENCES}.items():
         if name not in skip:
             torch.manual_seed(0)
-            runners[name] = make(case, dead, batches[0].mean(0))
+            runners[name] = make(case, dead, batches[0])
     curve = []
     for step, x in enumerate(batches, 1):
         for runner in runners.values():

@@ -1,7 +1,8 @@
 """Tokens/s of one TopK SAE training step: hub-sae vs eai-sparsify vs SAELens, same data, CPU.
 
 Every library trains its own TopK SAE (same d_in, d_sae, k, batch, Adam, learning rate, b_dec
-initialised to the mean of the first batch) on the SAME cached activations: round r gives batch r
+initialised to the mean of the first batch; hub-sae also matches its encoder to that batch's scale,
+as its trainer does) on the SAME cached activations: round r gives batch r
 to each library in turn, so drift in machine load hits them alike. One step is
 
     forward + AuxK  ->  backward  ->  decoder-gradient projection  ->  Adam step  ->  decoder renorm
@@ -99,9 +100,10 @@ def adam(params) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=LR, betas=(0.9, 0.999), fused=True)
 
 
-def hub_runner(case: Case, dead: Tensor, b_dec: Tensor) -> Runner:
+def hub_runner(case: Case, dead: Tensor, first: Tensor) -> Runner:
     sae = TopKSAE(case.d_in, case.d_sae, case.k)
-    sae.b_dec.data.copy_(b_dec)
+    sae.b_dec.data.copy_(first.mean(0))
+    sae.match_scale(first)
     optimizer = adam(sae.parameters())
 
     def step(x: Tensor) -> None:
@@ -115,11 +117,11 @@ def hub_runner(case: Case, dead: Tensor, b_dec: Tensor) -> Runner:
     return Runner(step, lambda x: sae(x).reconstruction)
 
 
-def sparsify_runner(case: Case, dead: Tensor, b_dec: Tensor) -> Runner:
+def sparsify_runner(case: Case, dead: Tensor, first: Tensor) -> Runner:
     from sparsify import SparseCoder, SparseCoderConfig
 
     sae = SparseCoder(case.d_in, SparseCoderConfig(num_latents=case.d_sae, k=case.k))
-    sae.b_dec.data.copy_(b_dec)
+    sae.b_dec.data.copy_(first.mean(0))
     optimizer = adam(sae.parameters())
 
     def step(x: Tensor) -> None:
@@ -134,7 +136,7 @@ def sparsify_runner(case: Case, dead: Tensor, b_dec: Tensor) -> Runner:
     return Runner(step, lambda x: sae(x).sae_out)
 
 
-def saelens_runner(case: Case, dead: Tensor, b_dec: Tensor) -> Runner:
+def saelens_runner(case: Case, dead: Tensor, first: Tensor) -> Runner:
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.saes.sae import TrainStepInput
 
@@ -142,7 +144,7 @@ def saelens_runner(case: Case, dead: Tensor, b_dec: Tensor) -> Runner:
         d_in=case.d_in, d_sae=case.d_sae, k=case.k, aux_loss_coefficient=AUXK_ALPHA
     )
     sae = TopKTrainingSAE(cfg)
-    sae.b_dec.data.copy_(b_dec)
+    sae.b_dec.data.copy_(first.mean(0))
     optimizer = adam(sae.parameters())
 
     def step(x: Tensor) -> None:
@@ -249,7 +251,6 @@ def bench_case(case: Case, skip: dict[str, str]) -> dict[str, object]:
     train, heldout = activations(case)
     batches = train.split(BATCH)
     dead = torch.rand(case.d_sae, generator=torch.Generator().manual_seed(3)) < DEAD_SHARE
-    b_dec = batches[0].mean(0)
     runners: dict[str, Runner] = {}
     errors: dict[str, str] = {}
     for name, make in {"hub_sae": hub_runner, **REFERENCES}.items():
@@ -257,7 +258,7 @@ def bench_case(case: Case, skip: dict[str, str]) -> dict[str, object]:
             continue
         torch.manual_seed(0)
         try:
-            runners[name] = make(case, dead, b_dec)
+            runners[name] = make(case, dead, batches[0])
         except Exception:
             if name == "hub_sae":
                 raise

@@ -250,6 +250,7 @@ class TopKSAE(
         self.set_decoder_norm_to_unit_norm()
         # The encoder starts as the transpose of the unit-norm decoder (Gao et al.), not at
         # nn.Linear's ~0.58 row norm: MiniLM layer 0 then ends with 2 % dead latents, not 15 %.
+        # `match_scale` rescales it to the data before training.
         self.encoder.weight.data.copy_(self.W_dec.data)
 
     @property
@@ -312,6 +313,21 @@ class TopKSAE(
                 e = residual.detach()
                 auxk_loss = (residual_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
         return ForwardOutput(x_hat, EncoderOutput(top_acts, top_indices), fvu, auxk_loss)
+
+    @torch.no_grad()
+    def match_scale(self, x: Tensor) -> float:
+        """Scale the encoder so that the reconstruction of `x` [N, d_in] lies as far from b_dec as `x`.
+
+        Call it once before training (encoder bias still 0, b_dec set): with unit-norm encoder rows,
+        the k largest of d_sae activations can overshoot (k 160 of 12288: ~1.7x the input's norm)
+        and the first steps then diverge. Returns the factor applied.
+        """
+        x = x.to(self.dtype)
+        reach = (self(x).reconstruction - self.b_dec).norm()
+        factor = ((x - self.b_dec).norm() / reach.clamp_min(torch.finfo(self.dtype).eps)).item()
+        self.encoder.weight.mul_(factor)
+        self.encoder.bias.mul_(factor)
+        return factor
 
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self) -> None:

@@ -126,7 +126,22 @@ def test_encoder_starts_as_the_unit_norm_decoder_transpose():
     sae = TopKSAE(d_in=16, d_sae=64, k=4)
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(64))
     assert torch.equal(sae.encoder.weight, sae.W_dec)
-    assert sae.encoder.weight.data_ptr() != sae.W_dec.data_ptr()  # equal at the start, trained apart
+    # equal at the start, trained apart
+    assert sae.encoder.weight.data_ptr() != sae.W_dec.data_ptr()
+
+
+@pytest.mark.parametrize("k", [4, 48])
+def test_match_scale_starts_the_reconstruction_at_the_inputs_distance_from_b_dec(k):
+    torch.manual_seed(0)
+    sae = TopKSAE(d_in=16, d_sae=64, k=k)
+    x = 3 * torch.randn(256, 16) + 1
+    sae.b_dec.data.copy_(x.mean(0))
+    with torch.no_grad():
+        before = (sae(x).reconstruction - sae.b_dec).norm().item()
+        factor = sae.match_scale(x)
+        after = (sae(x).reconstruction - sae.b_dec).norm().item()
+        assert after == pytest.approx((x - sae.b_dec).norm().item(), rel=1e-4)
+    assert factor == pytest.approx(after / before, rel=1e-4)
 
 
 def test_bad_k_is_refused():

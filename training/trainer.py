@@ -315,15 +315,19 @@ def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, saes, optimizer,
 
 
 def initialise(saes: SAESet, stream_iter: Iterator[Tensor], cfg: TrainConfig, accelerator: Accelerator) -> list[float]:
-    """Input scale per layer (averaged over ranks) and b_dec = geometric median of the first batch."""
+    """Input scale per layer (averaged over ranks), b_dec = geometric median of the first batch and
+    the encoder matched to that batch's scale (DDP then copies rank 0's start to every rank)."""
     first = next(stream_iter)
     mean_sq = first.pow(2).sum(-1).mean(0) / first.shape[-1]  # [n_layers]
     mean_sq = accelerator.reduce(mean_sq.contiguous(), reduction="mean")
     scale = mean_sq.sqrt().tolist()
     for i, layer in enumerate(cfg.layers):
-        median = geometric_median(first[:, i] / scale[i])
+        x = first[:, i] / scale[i]
+        median = geometric_median(x)
         for k in cfg.ks:
-            saes.sae(layer, k).b_dec.data.copy_(median)
+            sae = saes.sae(layer, k)
+            sae.b_dec.data.copy_(median)
+            sae.match_scale(x)
     return scale
 
 
