@@ -1,12 +1,15 @@
 """Read and replace block outputs (resid_post) with forward hooks.
 
 `capture` reads several blocks in one forward and stops it after the deepest of them, so no block
-past it runs. `harvest` corrupts a batch first and keeps the positions its policy selects. `splice`
-replaces one block's output for as long as it is active (SAE-spliced evaluation, steering).
+past it runs. `harvest` corrupts a batch first and keeps the positions its policy selects;
+`harvest_text` does so over a corpus up to a number of positions. `splice` replaces one block's
+output for as long as it is active (SAE-spliced evaluation, steering).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -14,6 +17,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from hub_sae.data import DataConfig, token_batches
 from hub_sae.masking import CorruptedBatch, Corruption, corrupt
 from hub_sae.models import BaseModel
 
@@ -121,6 +125,45 @@ def harvest(
         positions=batch.selected.nonzero(),
         batch=batch,
     )
+
+
+def harvest_text(
+    base: BaseModel,
+    data: DataConfig,
+    layers: Sequence[int],
+    policy: str,
+    corruption: Corruption,
+    max_tokens: int,
+    seed: int = 0,
+    passes: int | None = 1,
+) -> Iterator[tuple[Tensor, Tensor, Harvest]]:
+    """(input_ids, attention_mask, `harvest` of them) over `data`'s batches until `max_tokens`
+    positions, the last harvest cut to fit.
+
+    Pass p reads the text in the order of seed `data.seed + p`, with fresh corruption drawn from
+    `seed`; `passes=None` reads as many passes as it takes (a short held-out split, say).
+    """
+    generator = torch.Generator(base.device).manual_seed(seed)
+    seen = 0
+    for p in itertools.count() if passes is None else range(passes):
+        pass_data = dataclasses.replace(data, seed=data.seed + p)
+        empty = True
+        for input_ids, attention_mask in token_batches(
+            pass_data, base.tokenizer, base.bos_token_id, base.eos_token_id
+        ):
+            empty = False
+            h = harvest(base, input_ids, attention_mask, layers, policy, corruption, generator)
+            n = min(len(h.token_ids), max_tokens - seen)
+            if n < len(h.token_ids):
+                acts = {layer: a[:n] for layer, a in h.acts.items()}
+                h = h._replace(acts=acts, token_ids=h.token_ids[:n], positions=h.positions[:n])
+            if n:
+                yield input_ids, attention_mask, h
+            seen += n
+            if seen >= max_tokens:
+                return
+        if empty:
+            return
 
 
 @contextmanager

@@ -9,19 +9,16 @@ Spliced metric: block L's output at the policy's positions is replaced by the SA
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hub_sae.activations import harvest, splice
-from hub_sae.data import DataConfig, token_batches
+from hub_sae.activations import harvest_text, splice
+from hub_sae.data import DataConfig
 from hub_sae.masking import CorruptedBatch, Corruption
 from hub_sae.models import BaseModel, load_base_model
 from hub_sae.sae import TopKSAE
@@ -51,20 +48,6 @@ class _Moments:
     def fvu(self) -> float:
         total = self.sum_sq - self.sum.pow(2).sum().item() / self.n
         return self.sq_err / total
-
-
-def _batches(base: BaseModel, data: DataConfig) -> Iterator[tuple[Tensor, Tensor]]:
-    """Endless passes over `data` (each in a new order; the caller draws fresh corruption)."""
-    for epoch in itertools.count():
-        empty = True
-        pass_data = dataclasses.replace(data, seed=data.seed + epoch)
-        for input_ids, attention_mask in token_batches(
-            pass_data, base.tokenizer, base.bos_token_id, base.eos_token_id
-        ):
-            empty = False
-            yield input_ids.to(base.device), attention_mask.to(base.device)
-        if empty:
-            return
 
 
 def masked_lm_loss(logits: Tensor, targets: Tensor, batch: CorruptedBatch) -> Tensor:
@@ -156,16 +139,16 @@ def evaluate_suite(
 ) -> dict[tuple[int, int], dict]:
     """Metrics per (layer, k) on held-out text; one base-model forward feeds every layer's SAEs."""
     layers = sorted({layer for layer, _ in saes})
-    generator = torch.Generator(base.device).manual_seed(seed)
     moments = {key: _Moments(sae.d_in) for key, sae in saes.items()}
     counts = {key: torch.zeros(sae.d_sae) for key, sae in saes.items()}
     l0 = dict.fromkeys(saes, 0.0)
     kept: list[tuple[Tensor, Tensor, CorruptedBatch]] = []
     tokens = 0
-    for input_ids, attention_mask in _batches(base, data):
-        h = harvest(base, input_ids, attention_mask, layers, policy, corruption, generator)
+    for input_ids, attention_mask, h in harvest_text(
+        base, data, layers, policy, corruption, max_tokens, seed, passes=None
+    ):
         if len(kept) < splice_batches:
-            kept.append((input_ids, attention_mask, h.batch))
+            kept.append((input_ids.to(base.device), attention_mask.to(base.device), h.batch))
         for (layer, k), sae in saes.items():
             x = h.acts[layer].to(sae.device, sae.dtype)
             out = sae(x)
@@ -174,8 +157,6 @@ def evaluate_suite(
             counts[layer, k].index_add_(0, idx.flatten().cpu(), (acts > 0).flatten().float().cpu())
             l0[layer, k] += (acts > 0).sum().item()
         tokens += len(h.token_ids)
-        if tokens >= max_tokens:
-            break
     if tokens == 0:
         raise ValueError(
             f"no held-out activations from {data.corpus!r} ({data.split}) under policy {policy!r}."

@@ -23,8 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from hub_sae.activations import harvest
-from hub_sae.data import DataConfig, token_batches
+from hub_sae.activations import harvest_text
+from hub_sae.data import DataConfig
 from hub_sae.masking import Corruption
 from hub_sae.models import BaseModel
 from hub_sae.sae import TopKSAE
@@ -66,25 +66,18 @@ def collect_features(
     all layers are read from one forward per batch.
     """
     layers = sorted({sae.layer for sae in saes.values()})
-    generator = torch.Generator(base.device).manual_seed(seed)
     d = {key: sae.d_sae for key, sae in saes.items()}
     counts = {key: torch.zeros(d[key]) for key in saes}
     values = {key: torch.zeros(d[key], n_top) for key in saes}
     tokens = {key: torch.full((d[key], n_top), -1, dtype=torch.long) for key in saes}
     contexts = {key: torch.full((d[key], n_top, 2 * window + 1), -1, dtype=torch.long) for key in saes}
     seen = 0
-    batches = token_batches(data, base.tokenizer, base.bos_token_id, base.eos_token_id)
-    for input_ids, attention_mask in batches:
-        if seen >= max_tokens:
-            break
-        h = harvest(base, input_ids, attention_mask, layers, policy, corruption, generator)
-        n = min(len(h.token_ids), max_tokens - seen)
-        if n == 0:
-            continue
-        ids = h.token_ids[:n].cpu()
-        windows = _windows(h.batch.input_ids, h.positions[:n], window).cpu()
+    for _, _, h in harvest_text(base, data, layers, policy, corruption, max_tokens, seed):
+        n = len(h.token_ids)
+        ids = h.token_ids.cpu()
+        windows = _windows(h.batch.input_ids, h.positions, window).cpu()
         for key, sae in saes.items():
-            enc = sae.encode(h.acts[sae.layer][:n].to(sae.W_dec.device, sae.W_dec.dtype))
+            enc = sae.encode(h.acts[sae.layer].to(sae.W_dec.device, sae.W_dec.dtype))
             acts, idx = enc.top_acts.float().cpu(), enc.top_indices.cpu()
             fired = acts > 0
             counts[key].index_add_(0, idx[fired], torch.ones(int(fired.sum())))

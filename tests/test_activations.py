@@ -11,7 +11,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from hub_sae.activations import capture, harvest, splice
+from hub_sae.activations import capture, harvest, harvest_text, splice
+from hub_sae.data import DataConfig
+from hub_sae.masking import Corruption
 from hub_sae.models import BaseModel
 from hub_sae.models.hf import load_hf
 
@@ -169,3 +171,34 @@ def test_splice(base: BaseModel, batch) -> None:
 def test_invalid_layer(base: BaseModel, batch, layers: list[int]) -> None:
     with pytest.raises(ValueError, match=r"0\.\.5"):
         capture(base, *batch, layers)
+
+
+def test_harvest_text_cuts_at_max_tokens_and_rereads_only_when_asked(
+    base: BaseModel, tmp_path
+) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(topics[key] for key in sorted(topics)[:2]))
+    data = DataConfig(corpus=str(corpus), ctx_len=32, batch_size=4)
+
+    def run(max_tokens: int, passes: int | None = 1):
+        return [
+            h
+            for *_, h in harvest_text(
+                base, data, [1, 3], "mask", Corruption(), max_tokens, passes=passes
+            )
+        ]
+
+    whole = run(10**9)  # one pass ends with the text
+    total = sum(len(h.token_ids) for h in whole)
+    assert len(whole) > 2 and total > 0
+
+    cut = run(total // 2 + 1)
+    assert sum(len(h.token_ids) for h in cut) == total // 2 + 1
+    last, same = cut[-1], whole[len(cut) - 1]
+    n = len(last.token_ids)
+    assert len(last.positions) == n and all(len(a) == n for a in last.acts.values())
+    assert torch.equal(last.acts[3], same.acts[3][:n])  # a prefix of the same corrupted batch
+    assert torch.equal(last.positions, same.positions[:n])
+
+    again = run(2 * total + 5, passes=None)  # reads further passes, with fresh corruption
+    assert sum(len(h.token_ids) for h in again) == 2 * total + 5
