@@ -24,6 +24,7 @@ activations under the mask policy (the embedded model and corpus). The reference
 
     python benchmarks/train_step.py            # all cases
     python benchmarks/train_step.py --small    # d_in 384 only
+    python benchmarks/train_step.py --device cuda --dtype bfloat16 --synthetic   # on a GPU
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ SMALL = [
 # d_in 4096: 8x latents only (32x needs ~17 GB of weights, gradients and Adam state per library,
 # three libraries do not fit in 24 GB, and one GEMM floor alone takes ~15 s on two cores).
 LARGE = [Case("synthetic", 4096, 8, 32, 6, 1), Case("synthetic", 4096, 8, 160, 6, 1)]
+# On a GPU: 32x too, and enough steps that the warm-up (kernel selection, allocator) is not timed.
+GPU_LARGE = [Case("synthetic", 4096, x, k, 24, 4) for x in (8, 32) for k in (32, 160)]
 
 
 class Runner(NamedTuple):
@@ -101,7 +104,7 @@ def adam(params) -> torch.optim.Optimizer:
 
 
 def hub_runner(case: Case, dead: Tensor, first: Tensor) -> Runner:
-    sae = TopKSAE(case.d_in, case.d_sae, case.k)
+    sae = TopKSAE(case.d_in, case.d_sae, case.k).to(first.device, first.dtype)
     sae.b_dec.data.copy_(first.mean(0))
     sae.match_scale(first)
     optimizer = adam(sae.parameters())
@@ -121,6 +124,7 @@ def sparsify_runner(case: Case, dead: Tensor, first: Tensor) -> Runner:
     from sparsify import SparseCoder, SparseCoderConfig
 
     sae = SparseCoder(case.d_in, SparseCoderConfig(num_latents=case.d_sae, k=case.k))
+    sae = sae.to(first.device, first.dtype)
     sae.b_dec.data.copy_(first.mean(0))
     optimizer = adam(sae.parameters())
 
@@ -143,7 +147,7 @@ def saelens_runner(case: Case, dead: Tensor, first: Tensor) -> Runner:
     cfg = TopKTrainingSAEConfig(
         d_in=case.d_in, d_sae=case.d_sae, k=case.k, aux_loss_coefficient=AUXK_ALPHA
     )
-    sae = TopKTrainingSAE(cfg)
+    sae = TopKTrainingSAE(cfg).to(first.device, first.dtype)
     sae.b_dec.data.copy_(first.mean(0))
     optimizer = adam(sae.parameters())
 
@@ -240,17 +244,27 @@ def activations(case: Case) -> tuple[Tensor, Tensor]:
 @torch.no_grad()
 def fvu(reconstruct: Callable[[Tensor], Tensor], x: Tensor) -> float:
     residual = sum(
-        (x[i : i + BATCH] - reconstruct(x[i : i + BATCH])).pow(2).sum()
+        (x[i : i + BATCH].float() - reconstruct(x[i : i + BATCH]).float()).pow(2).sum()
         for i in range(0, len(x), BATCH)
     )
-    return float(residual / (x - x.mean(0)).pow(2).sum())
+    return float(residual / (x.float() - x.float().mean(0)).pow(2).sum())
 
 
-def bench_case(case: Case, skip: dict[str, str]) -> dict[str, object]:
+def clock(device: torch.device) -> float:
+    """time.perf_counter() once the device's queued work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def bench_case(
+    case: Case, skip: dict[str, str], device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> dict[str, object]:
     """Train every available library for case.rounds steps in alternation; times and FVUs."""
-    train, heldout = activations(case)
+    train, heldout = (t.to(device, dtype) for t in activations(case))
     batches = train.split(BATCH)
     dead = torch.rand(case.d_sae, generator=torch.Generator().manual_seed(3)) < DEAD_SHARE
+    dead = dead.to(device)
     runners: dict[str, Runner] = {}
     errors: dict[str, str] = {}
     for name, make in {"hub_sae": hub_runner, **REFERENCES}.items():
@@ -263,20 +277,21 @@ def bench_case(case: Case, skip: dict[str, str]) -> dict[str, object]:
             if name == "hub_sae":
                 raise
             errors[name] = traceback.format_exc(limit=1).strip().splitlines()[-1]
-    weight = torch.randn(case.d_sae, case.d_in) / case.d_in**0.5
+    weight = (torch.randn(case.d_sae, case.d_in) / case.d_in**0.5).to(device, dtype)
 
     times: dict[str, list[float]] = {name: [] for name in [*runners, "floor"]}
+    on = train.device
     for r, x in enumerate(batches):
         for name, runner in runners.items():
-            start = time.perf_counter()
+            start = clock(on)
             runner.step(x)
-            elapsed = time.perf_counter() - start
+            elapsed = clock(on) - start
             if r >= case.warmup:
                 times[name].append(elapsed)
-        start = time.perf_counter()
+        start = clock(on)
         F.linear(x, weight)
         if r >= case.warmup:
-            times["floor"].append(time.perf_counter() - start)
+            times["floor"].append(clock(on) - start)
     med = {name: statistics.median(t) for name, t in times.items()}
     libraries = {
         name: {
@@ -328,11 +343,11 @@ def case_key(result: dict) -> tuple:
     return result["data"], result["d_in"], result["d_sae"], result["k"]
 
 
-def write(results: list[dict], skip: dict[str, str]) -> None:
-    """RESULTS with these results, keeping earlier ones of cases not run now (e.g. after --small)."""
-    if RESULTS.exists():
+def write(results: list[dict], skip: dict[str, str], path: Path = RESULTS) -> None:
+    """`path` with these results, keeping earlier ones of cases not run now (e.g. after --small)."""
+    if path.exists():
         new = {case_key(r) for r in results}
-        kept = [r for r in json.loads(RESULTS.read_text())["results"] if case_key(r) not in new]
+        kept = [r for r in json.loads(path.read_text())["results"] if case_key(r) not in new]
         results = sorted(
             kept + results, key=lambda r: (r["d_in"], r["data"] == "minilm", r["d_sae"], r["k"])
         )
@@ -340,7 +355,7 @@ def write(results: list[dict], skip: dict[str, str]) -> None:
     for name, package in PACKAGES.items():
         if name not in skip:
             versions[name] = version(package)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     summary = {
         "batch": BATCH,
         "lr": LR,
@@ -353,9 +368,9 @@ def write(results: list[dict], skip: dict[str, str]) -> None:
         "targets": TARGETS,
         "results": results,
     }
-    tmp = RESULTS.with_suffix(".tmp")  # a run killed mid-write leaves the old results whole
+    tmp = path.with_suffix(".tmp")  # a run killed mid-write leaves the old results whole
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, RESULTS)
+    os.replace(tmp, path)
 
 
 def main() -> None:
@@ -363,15 +378,24 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="d_in 384 cases only")
     parser.add_argument("--only-hub", action="store_true", help="run hub-sae alone")
     parser.add_argument("--threads", type=int, default=THREADS, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (results to train_step_cuda.json)")
+    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16: weights and data")
+    parser.add_argument("--synthetic", action="store_true", help="skip the MiniLM case")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    gpu = args.device != "cpu"
+    path = RESULTS.with_name("train_step_cuda.json") if gpu else RESULTS
+    if gpu:
+        print(f"device: {torch.cuda.get_device_name(args.device)}")
     skip = missing_references()
     for name, why in skip.items():
         print(f"reference {name} skipped: {why}")
     if args.only_hub:
         skip.update({name: "--only-hub" for name in REFERENCES})
     results = []
-    for case in SMALL if args.small else SMALL + LARGE:
+    cases = SMALL if args.small else SMALL + (GPU_LARGE if gpu else LARGE)
+    for case in [c for c in cases if not (args.synthetic and c.data == "minilm")]:
         print(f"{case} ...", flush=True)
         load = os.getloadavg()[0]
         if load > 0.5:
@@ -379,16 +403,22 @@ def main() -> None:
                 f"warning: load average {load:.1f} before the run; busy cores stall every "
                 "multi-threaded op, so these timings will be slow and noisy"
             )
-        result = bench_case(case, skip)
-        result.update(threads=args.threads, load_avg_1min=[load, os.getloadavg()[0]])
+        result = bench_case(case, skip, args.device, dtype)
+        result.update(
+            threads=args.threads,
+            load_avg_1min=[load, os.getloadavg()[0]],
+            device=torch.cuda.get_device_name(args.device) if gpu else "cpu",
+            dtype=args.dtype,
+        )
         results.append(result)
         print(table(results[-1:]), flush=True)
-        write(results, skip)  # after every case, so a long run that dies keeps what it measured
+        write(results, skip, path)  # after every case, so a long run that dies keeps what it measured
     print(
-        f"\nTopK SAE train step, batch {BATCH}, fused Adam lr {LR}, {args.threads} CPU threads, torch {torch.__version__}"
+        f"\nTopK SAE train step, batch {BATCH}, fused Adam lr {LR}, {args.threads} CPU threads, "
+        f"{args.device} {args.dtype}, torch {torch.__version__}"
     )
     print(table(results))
-    print(f"wrote {RESULTS}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -73,9 +73,16 @@ def _gather_dot(indices: Tensor, table: Tensor, rows: Tensor) -> Tensor:
     if k == 0:
         return rows.new_zeros(n, 0)
     offsets = torch.arange(0, n * k, k, device=indices.device)
-    return torch.ops.aten._embedding_bag_per_sample_weights_backward(
-        rows.contiguous(), table, indices.flatten(), offsets, _tokens(indices), 0
-    ).view(n, k)
+    dtype = rows.dtype
+    if rows.is_cuda and dtype in (torch.bfloat16, torch.float16):  # no CUDA kernel for these
+        rows, table = rows.float(), table.float()
+    return (
+        torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            rows.contiguous(), table, indices.flatten(), offsets, _tokens(indices), 0
+        )
+        .view(n, k)
+        .to(dtype)
+    )
 
 
 def _decode(weight: Tensor, acts: Tensor, indices: Tensor) -> Tensor:
