@@ -208,26 +208,15 @@ def synthetic(case: Case, n_tokens: int, seed: int) -> Tensor:
 
 def minilm(n_tokens: int, split: str) -> Tensor:
     """[n_tokens, 384] MiniLM layer-3 resid_post at masked positions (mask policy), pydoc text."""
-    from hub_sae.activations import harvest
-    from hub_sae.data import DataConfig, token_batches
+    from hub_sae.activations import harvest_text
+    from hub_sae.data import DataConfig
+    from hub_sae.masking import Corruption
     from hub_sae.models.hf import load_hf
 
     base = load_hf("minilm")
-    generator = torch.Generator().manual_seed(0)
-    parts: list[Tensor] = []
-    n, epoch = 0, 0
-    with torch.no_grad():
-        while n < n_tokens:
-            data = DataConfig(split=split, seed=epoch)
-            for ids, mask in token_batches(
-                data, base.tokenizer, base.bos_token_id, base.eos_token_id
-            ):
-                parts.append(harvest(base, ids, mask, [3], "mask", generator=generator).acts[3])
-                n += len(parts[-1])
-                if n >= n_tokens:
-                    break
-            epoch += 1
-    return torch.cat(parts)[:n_tokens].float()
+    data = DataConfig(split=split)
+    harvests = harvest_text(base, data, [3], "mask", Corruption(), n_tokens, passes=None)
+    return torch.cat([h.acts[3] for *_, h in harvests]).float()
 
 
 def activations(case: Case) -> tuple[Tensor, Tensor]:
@@ -280,7 +269,7 @@ def bench_case(
     weight = (torch.randn(case.d_sae, case.d_in) / case.d_in**0.5).to(device, dtype)
 
     times: dict[str, list[float]] = {name: [] for name in [*runners, "floor"]}
-    on = train.device
+    on = torch.device(device)
     for r, x in enumerate(batches):
         for name, runner in runners.items():
             start = clock(on)
@@ -386,8 +375,8 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     gpu = args.device != "cpu"
     path = RESULTS.with_name("train_step_cuda.json") if gpu else RESULTS
-    if gpu:
-        print(f"device: {torch.cuda.get_device_name(args.device)}")
+    device_name = torch.cuda.get_device_name(args.device) if gpu else "cpu"
+    print(f"device: {device_name}")
     skip = missing_references()
     for name, why in skip.items():
         print(f"reference {name} skipped: {why}")
@@ -407,7 +396,7 @@ def main() -> None:
         result.update(
             threads=args.threads,
             load_avg_1min=[load, os.getloadavg()[0]],
-            device=torch.cuda.get_device_name(args.device) if gpu else "cpu",
+            device=device_name,
             dtype=args.dtype,
         )
         results.append(result)
