@@ -367,7 +367,9 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="d_in 384 cases only")
     parser.add_argument("--only-hub", action="store_true", help="run hub-sae alone")
     parser.add_argument("--threads", type=int, default=THREADS, help="torch CPU threads")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (results to train_step_cuda.json)")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu or cuda (results to train_step_cuda.json)"
+    )
     parser.add_argument("--dtype", default="float32", help="float32 or bfloat16: weights and data")
     parser.add_argument("--synthetic", action="store_true", help="skip the MiniLM case")
     args = parser.parse_args()
@@ -401,7 +403,9 @@ def main() -> None:
         )
         results.append(result)
         print(table(results[-1:]), flush=True)
-        write(results, skip, path)  # after every case, so a long run that dies keeps what it measured
+        write(
+            results, skip, path
+        )  # after every case, so a long run that dies keeps what it measured
     print(
         f"\nTopK SAE train step, batch {BATCH}, fused Adam lr {LR}, {args.threads} CPU threads, "
         f"{args.device} {args.dtype}, torch {torch.__version__}"

@@ -68,7 +68,9 @@ def _read_file(path: Path, text_field: str) -> list[str]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number} is not valid JSON ({e}); write one object per line.") from None
+            raise ValueError(
+                f"{path}:{number} is not valid JSON ({e}); write one object per line."
+            ) from None
         if not isinstance(row, dict) or text_field not in row:
             raise ValueError(
                 f"{path}:{number} has no field {text_field!r}; set text_field to the field that holds the text."
@@ -155,7 +157,9 @@ def iter_texts(cfg: DataConfig) -> Iterator[str]:
     else:
         docs = _local_documents(cfg.corpus, cfg.text_field)
     heldout = cfg.split == "heldout"
-    docs = [doc for i, doc in enumerate(docs) if (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) == heldout]
+    docs = [
+        doc for i, doc in enumerate(docs) if (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) == heldout
+    ]
     if not docs:
         raise ValueError(
             f"corpus {cfg.corpus!r} holds no document in split {cfg.split!r} "

@@ -70,7 +70,9 @@ def collect_features(
     counts = {key: torch.zeros(d[key]) for key in saes}
     values = {key: torch.zeros(d[key], n_top) for key in saes}
     tokens = {key: torch.full((d[key], n_top), -1, dtype=torch.long) for key in saes}
-    contexts = {key: torch.full((d[key], n_top, 2 * window + 1), -1, dtype=torch.long) for key in saes}
+    contexts = {
+        key: torch.full((d[key], n_top, 2 * window + 1), -1, dtype=torch.long) for key in saes
+    }
     seen = 0
     for _, _, h in harvest_text(base, data, layers, policy, corruption, max_tokens, seed):
         n = len(h.token_ids)
@@ -94,9 +96,12 @@ def collect_features(
             keep = rank < n_top
             lat, val, rows = lat[keep], val[keep], rows[keep]
             merged_v = torch.cat([values[key], torch.zeros(d[key], n_top)], dim=1)
-            merged_t = torch.cat([tokens[key], torch.full((d[key], n_top), -1, dtype=torch.long)], dim=1)
+            merged_t = torch.cat(
+                [tokens[key], torch.full((d[key], n_top), -1, dtype=torch.long)], dim=1
+            )
             merged_c = torch.cat(
-                [contexts[key], torch.full((d[key], n_top, 2 * window + 1), -1, dtype=torch.long)], dim=1
+                [contexts[key], torch.full((d[key], n_top, 2 * window + 1), -1, dtype=torch.long)],
+                dim=1,
             )
             slot = n_top + rank[keep]
             merged_v[lat, slot] = val
@@ -108,14 +113,18 @@ def collect_features(
             contexts[key] = merged_c.gather(1, best[..., None].expand(-1, -1, 2 * window + 1))
         seen += n
     if seen == 0:
-        raise ValueError(f"no {policy!r} positions in {data.corpus!r} ({data.split}); give more text.")
+        raise ValueError(
+            f"no {policy!r} positions in {data.corpus!r} ({data.split}); give more text."
+        )
     return {
         key: FeatureStats(counts[key] / seen, values[key], tokens[key], contexts[key], seen, window)
         for key in saes
     }
 
 
-def save_features(path: str | Path, stats: FeatureStats, metadata: dict[str, str] | None = None) -> None:
+def save_features(
+    path: str | Path, stats: FeatureStats, metadata: dict[str, str] | None = None
+) -> None:
     """Write `stats` to `path` through a temp file + rename."""
     path = Path(path)
     tensors = {
@@ -134,13 +143,22 @@ def load_features(path: str | Path) -> FeatureStats:
     """Read a features.safetensors file written by `save_features`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; train the suite with hub-sae to get feature statistics.")
+        raise FileNotFoundError(
+            f"{path} not found; train the suite with hub-sae to get feature statistics."
+        )
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     t = load_file(str(path))
     missing = {"frequency", "top_values", "top_tokens", "top_contexts"} - set(t)
     if missing or "tokens" not in meta or "window" not in meta:
-        raise ValueError(f"{path} lacks {sorted(missing) or 'its tokens/window metadata'}; regenerate it.")
+        raise ValueError(
+            f"{path} lacks {sorted(missing) or 'its tokens/window metadata'}; regenerate it."
+        )
     return FeatureStats(
-        t["frequency"], t["top_values"], t["top_tokens"], t["top_contexts"], int(meta["tokens"]), int(meta["window"])
+        t["frequency"],
+        t["top_values"],
+        t["top_tokens"],
+        t["top_contexts"],
+        int(meta["tokens"]),
+        int(meta["window"]),
     )

@@ -130,4 +130,6 @@ def corrupt(
     p, u = p.to(input_ids.device), u.to(input_ids.device)
     is_masked = (u < p[:, None]) & _real(input_ids.shape, attention_mask, input_ids.device)
     corrupted = input_ids.masked_fill(is_masked, mask_token_id)
-    return CorruptedBatch(corrupted, is_masked, p, select_positions(is_masked, attention_mask, policy))
+    return CorruptedBatch(
+        corrupted, is_masked, p, select_positions(is_masked, attention_mask, policy)
+    )

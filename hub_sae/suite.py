@@ -1,11 +1,11 @@
 """The published suite layout: suite.json + one folder per (layer, k), written atomically.
 
-    suite.json                      {base_model, policy, hookpoint, layers, ks, default_layer, ...}
-    layer_{L}/config.json           TopKSAE kwargs            (one k per layer)
-    layer_{L}/model.safetensors
-    layer_{L}/metrics.json
-    layer_{L}/features.safetensors  optional
-    layer_{L}/k_{k}/...             the same, when a layer has several k
+suite.json                      {base_model, policy, hookpoint, layers, ks, default_layer, ...}
+layer_{L}/config.json           TopKSAE kwargs            (one k per layer)
+layer_{L}/model.safetensors
+layer_{L}/metrics.json
+layer_{L}/features.safetensors  optional
+layer_{L}/k_{k}/...             the same, when a layer has several k
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ def write_json(path: Path, data: dict) -> None:
 def read_suite(root: str | Path) -> dict:
     path = Path(root) / SUITE_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {root} is not a hub-sae suite (train one first).")
+        raise FileNotFoundError(
+            f"{path} not found: {root} is not a hub-sae suite (train one first)."
+        )
     return json.loads(path.read_text())
 
 
@@ -106,5 +108,7 @@ def validate_suite(root: str | Path, require_card: bool = True) -> list[str]:
         if not (folder / name).is_file()
     ]
     if require_card and not (root / "README.md").is_file():
-        problems.append(f"{root / 'README.md'} (the model card) is missing: run `hub-sae card {root}`")
+        problems.append(
+            f"{root / 'README.md'} (the model card) is missing: run `hub-sae card {root}`"
+        )
     return problems

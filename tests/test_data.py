@@ -34,10 +34,14 @@ def test_order_depends_on_seed_only() -> None:
 def test_pack_joins_documents_with_eos_after_one_bos(tokenizer) -> None:
     texts = ["alpha beta gamma", "delta epsilon", "zeta eta theta iota kappa"]
     contexts = list(pack(texts, tokenizer, ctx_len=5, bos_token_id=BOS, eos_token_id=EOS))
-    stream = [t for text in texts for t in [EOS, *tokenizer(text, add_special_tokens=False)["input_ids"]]][1:]
+    stream = [
+        t for text in texts for t in [EOS, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+    ][1:]
     assert all(c.shape == (5,) and c[0] == BOS for c in contexts)
     body = [t for c in contexts for t in c[1:].tolist()]
-    assert body == stream[: len(body)] and len(stream) - len(body) < 4  # only the partial tail dropped
+    assert (
+        body == stream[: len(body)] and len(stream) - len(body) < 4
+    )  # only the partial tail dropped
 
 
 def test_token_batches_shape_and_resume(tokenizer) -> None:
@@ -57,7 +61,9 @@ def test_local_txt_and_jsonl(tmp_path: Path) -> None:
     (tmp_path / "b.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
     train = list(iter_texts(DataConfig(corpus=str(tmp_path))))
     heldout = list(iter_texts(DataConfig(corpus=str(tmp_path), split="heldout")))
-    assert sorted(train + heldout) == sorted(["first doc", "second doc", *(r["text"] for r in rows)])
+    assert sorted(train + heldout) == sorted(
+        ["first doc", "second doc", *(r["text"] for r in rows)]
+    )
     assert len(heldout) == 2  # every 10th of the 22 documents
 
 
@@ -67,8 +73,18 @@ def test_local_txt_and_jsonl(tmp_path: Path) -> None:
         ({}, "missing.txt", {}, "corpus 'missing.txt' does not exist"),
         ({"x.jsonl": '{"body": "a"}\n'}, "x.jsonl", {}, "x.jsonl:1 has no field 'text'"),
         ({"x.jsonl": "{not json\n"}, "x.jsonl", {}, "x.jsonl:1 is not valid JSON"),
-        ({"x.txt": "only one doc"}, "x.txt", {"split": "heldout"}, "no document in split 'heldout'"),
-        ({"x.txt": "a"}, "x.txt", {"split": "validation"}, "split 'validation' is not one of train, heldout"),
+        (
+            {"x.txt": "only one doc"},
+            "x.txt",
+            {"split": "heldout"},
+            "no document in split 'heldout'",
+        ),
+        (
+            {"x.txt": "a"},
+            "x.txt",
+            {"split": "validation"},
+            "split 'validation' is not one of train, heldout",
+        ),
     ],
 )
 def test_bad_corpus_is_named(tmp_path: Path, monkeypatch, files, corpus, kwargs, message) -> None:

@@ -43,7 +43,9 @@ def test_bos_and_pads_never_masked_nor_selected() -> None:
 def test_policies_select_their_positions() -> None:
     ids, attention_mask = batch()
     runs = {
-        policy: corrupt(ids, attention_mask, MASK, policy, generator=torch.Generator().manual_seed(2))
+        policy: corrupt(
+            ids, attention_mask, MASK, policy, generator=torch.Generator().manual_seed(2)
+        )
         for policy in ("mask", "unmask", "all", "clean")
     }
     real = attention_mask.bool().clone()
@@ -59,8 +61,14 @@ def test_policies_select_their_positions() -> None:
 
 def test_llada_schedule_draws_one_probability_per_sequence() -> None:
     ids, attention_mask = batch(rows=256)
-    out = corrupt(ids, attention_mask, MASK, "mask", Corruption("llada", eps=1e-3),
-                  torch.Generator().manual_seed(3))
+    out = corrupt(
+        ids,
+        attention_mask,
+        MASK,
+        "mask",
+        Corruption("llada", eps=1e-3),
+        torch.Generator().manual_seed(3),
+    )
     assert out.p.unique().numel() == 256
     assert out.p.min() >= 1e-3 and out.p.max() <= 1
     assert 0.4 < out.p.mean() < 0.6  # t ~ U(0, 1)
@@ -80,7 +88,10 @@ def test_seeded_generator_is_deterministic() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"schedule": "cosine"}, "unknown corruption schedule 'cosine'; choose one of dlm_scope, llada"),
+        (
+            {"schedule": "cosine"},
+            "unknown corruption schedule 'cosine'; choose one of dlm_scope, llada",
+        ),
         ({"t_min": 0.6, "t_max": 0.5}, "t_min <= t_max"),
     ],
 )
@@ -90,5 +101,7 @@ def test_bad_corruption_is_named(kwargs: dict, message: str) -> None:
 
 
 def test_unknown_policy_lists_policies() -> None:
-    with pytest.raises(ValueError, match="unknown mask policy 'masked'; choose one of mask, unmask, all, clean"):
+    with pytest.raises(
+        ValueError, match="unknown mask policy 'masked'; choose one of mask, unmask, all, clean"
+    ):
         select_positions(torch.zeros(2, 3, dtype=torch.bool), None, "masked")

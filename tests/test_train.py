@@ -36,11 +36,30 @@ def launch(out: Path, *extra: str, processes: int = 1, **overrides) -> subproces
         flags = ["--multi_gpu", "--num_processes", str(processes)]
     else:
         flags = ["--cpu", "--num_processes", "1"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *flags, "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(ROOT / "training" / "train.py"), *cli_args(out, **overrides), *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *flags,
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "training" / "train.py"),
+        *cli_args(out, **overrides),
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
@@ -63,7 +82,9 @@ def test_suite_is_complete_and_loads(trained_suite: Path) -> None:
         features = load_features(trained_suite / f"layer_{layer}" / "features.safetensors")
         assert features.frequency.shape == (768,) and features.tokens > 0
         fired = features.frequency > 0
-        assert (features.top_values[fired, 0] > 0).all() and (features.top_tokens[~fired] == -1).all()
+        assert (features.top_values[fired, 0] > 0).all() and (
+            features.top_tokens[~fired] == -1
+        ).all()
         centre = features.top_contexts[fired, 0, features.window]
         assert (centre == 103).all()  # mask policy: every example is a [MASK] position
 

@@ -22,13 +22,25 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "minilm-mask.yaml"
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML file of TrainConfig fields")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this run")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", default=str(DEFAULT_CONFIG), help="YAML file of TrainConfig fields"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint of this run"
+    )
     for f in fields(TrainConfig):
-        parser.add_argument(f"--{f.name}", type=yaml.safe_load, default=None, help=f.metadata.get("help", ""))
+        parser.add_argument(
+            f"--{f.name}", type=yaml.safe_load, default=None, help=f.metadata.get("help", "")
+        )
     args = parser.parse_args(argv)
-    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in fields(TrainConfig)
+        if getattr(args, f.name) is not None
+    }
     return TrainConfig.from_yaml(args.config, **overrides), args.resume
 
 

@@ -32,43 +32,93 @@ from hub_sae.suite import save_suite
 
 @dataclass
 class TrainConfig:
-    name: str = field(default="minilm-mask", metadata={"help": "run name: the suite goes to OUTPUT_DIR/NAME/"})
-    model: str = field(default="minilm", metadata={"help": "'minilm' (embedded), a LLaDA checkpoint, or any HF model"})
-    dtype: str = field(default="float32", metadata={"help": "base-model dtype: float32 or bfloat16"})
-    layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5], metadata={"help": "blocks whose resid_post is hooked"})
-    policy: str = field(default="mask", metadata={"help": "positions kept: mask, unmask, all or clean"})
-    schedule: str = field(default="dlm_scope", metadata={"help": "corruption: dlm_scope (p ~ U[t_min, t_max] per batch) or llada"})
+    name: str = field(
+        default="minilm-mask", metadata={"help": "run name: the suite goes to OUTPUT_DIR/NAME/"}
+    )
+    model: str = field(
+        default="minilm",
+        metadata={"help": "'minilm' (embedded), a LLaDA checkpoint, or any HF model"},
+    )
+    dtype: str = field(
+        default="float32", metadata={"help": "base-model dtype: float32 or bfloat16"}
+    )
+    layers: list[int] = field(
+        default_factory=lambda: [0, 1, 2, 3, 4, 5],
+        metadata={"help": "blocks whose resid_post is hooked"},
+    )
+    policy: str = field(
+        default="mask", metadata={"help": "positions kept: mask, unmask, all or clean"}
+    )
+    schedule: str = field(
+        default="dlm_scope",
+        metadata={"help": "corruption: dlm_scope (p ~ U[t_min, t_max] per batch) or llada"},
+    )
     t_min: float = 0.05
     t_max: float = 0.50
-    corpus: str = field(default="pydoc", metadata={"help": "'pydoc' (embedded), a .txt/.jsonl file or folder, or an HF dataset"})
+    corpus: str = field(
+        default="pydoc",
+        metadata={"help": "'pydoc' (embedded), a .txt/.jsonl file or folder, or an HF dataset"},
+    )
     text_field: str = "text"
     ctx_len: int = 128
     llm_batch_size: int = 8
-    expansion_factor: int = field(default=8, metadata={"help": "d_sae = expansion_factor * d_model (unless d_sae is set)"})
+    expansion_factor: int = field(
+        default=8, metadata={"help": "d_sae = expansion_factor * d_model (unless d_sae is set)"}
+    )
     d_sae: int | None = None
-    ks: list[int] = field(default_factory=lambda: [32], metadata={"help": "one SAE per k per layer"})
-    total_tokens: int = field(default=300_000, metadata={"help": "activations each SAE trains on (all ranks)"})
+    ks: list[int] = field(
+        default_factory=lambda: [32], metadata={"help": "one SAE per k per layer"}
+    )
+    total_tokens: int = field(
+        default=300_000, metadata={"help": "activations each SAE trains on (all ranks)"}
+    )
     sae_batch_size: int = 1024
-    buffer_tokens: int = field(default=16_384, metadata={"help": "shuffle buffer size, in activations"})
+    buffer_tokens: int = field(
+        default=16_384, metadata={"help": "shuffle buffer size, in activations"}
+    )
     lr: float = 2e-3
     beta1: float = 0.9
     beta2: float = 0.999
     warmup_steps: int = 50
-    decay_fraction: float = field(default=0.2, metadata={"help": "linear decay to 0 over this last share of steps"})
+    decay_fraction: float = field(
+        default=0.2, metadata={"help": "linear decay to 0 over this last share of steps"}
+    )
     grad_clip: float = 1.0
     auxk_alpha: float = 1 / 32
-    k_aux: int | None = field(default=None, metadata={"help": "AuxK latents (default d_model // 2)"})
-    dead_tokens: int = field(default=50_000, metadata={"help": "a latent not firing for this many tokens is dead"})
-    scale_batches: int = field(default=4, metadata={"help": "LLM batches used to estimate the input scale"})
-    checkpoint_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: none)"})
-    eval_tokens: int = field(default=65_536, metadata={"help": "held-out activations for the final metrics"})
-    eval_corpus: str | None = field(default=None, metadata={"help": "held-out corpus (default: corpus)"})
-    eval_split: str = field(default="heldout", metadata={"help": "its split: 'heldout' for pydoc and local files, e.g. 'test' for HF datasets"})
-    feature_tokens: int = field(default=32_768, metadata={"help": "training activations scanned for each latent's top contexts (0: skip)"})
+    k_aux: int | None = field(
+        default=None, metadata={"help": "AuxK latents (default d_model // 2)"}
+    )
+    dead_tokens: int = field(
+        default=50_000, metadata={"help": "a latent not firing for this many tokens is dead"}
+    )
+    scale_batches: int = field(
+        default=4, metadata={"help": "LLM batches used to estimate the input scale"}
+    )
+    checkpoint_every: int = field(
+        default=0, metadata={"help": "steps between checkpoints (0: none)"}
+    )
+    eval_tokens: int = field(
+        default=65_536, metadata={"help": "held-out activations for the final metrics"}
+    )
+    eval_corpus: str | None = field(
+        default=None, metadata={"help": "held-out corpus (default: corpus)"}
+    )
+    eval_split: str = field(
+        default="heldout",
+        metadata={
+            "help": "its split: 'heldout' for pydoc and local files, e.g. 'test' for HF datasets"
+        },
+    )
+    feature_tokens: int = field(
+        default=32_768,
+        metadata={"help": "training activations scanned for each latent's top contexts (0: skip)"},
+    )
     output_dir: str = "runs"
     seed: int = 0
     log_every: int = 10
-    log_with: list[str] = field(default_factory=list, metadata={"help": "accelerate trackers: tensorboard, wandb"})
+    log_with: list[str] = field(
+        default_factory=list, metadata={"help": "accelerate trackers: tensorboard, wandb"}
+    )
 
     def __post_init__(self) -> None:
         # YAML 1.1 reads `3e-4` (no dot) as a string: accept it wherever a float is meant.
@@ -86,7 +136,9 @@ class TrainConfig:
         data.update(overrides)
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
-            raise ValueError(f"{path}: unknown config keys {unknown}; valid keys: {[f.name for f in fields(cls)]}")
+            raise ValueError(
+                f"{path}: unknown config keys {unknown}; valid keys: {[f.name for f in fields(cls)]}"
+            )
         return cls(**data)
 
     def check(self, base: BaseModel) -> None:
@@ -98,9 +150,13 @@ class TrainConfig:
         if any(not 0 < k < d_sae for k in self.ks):
             raise ValueError(f"every k must satisfy 0 < k < d_sae={d_sae}; got ks={self.ks}.")
         if self.ctx_len > base.max_length:
-            raise ValueError(f"ctx_len {self.ctx_len} exceeds {self.model}'s maximum of {base.max_length} tokens.")
+            raise ValueError(
+                f"ctx_len {self.ctx_len} exceeds {self.model}'s maximum of {base.max_length} tokens."
+            )
         if self.buffer_tokens < 2 * self.sae_batch_size:
-            raise ValueError(f"buffer_tokens ({self.buffer_tokens}) must be >= 2 * sae_batch_size ({self.sae_batch_size}).")
+            raise ValueError(
+                f"buffer_tokens ({self.buffer_tokens}) must be >= 2 * sae_batch_size ({self.sae_batch_size})."
+            )
         for split in ("train", "heldout"):  # a missing local corpus or empty split fails here
             iter_texts(self.data(split))
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -148,7 +204,11 @@ class ActivationStream:
         while True:
             data = self.cfg.data(seed=self.cfg.seed + self.epoch)
             batches = token_batches(
-                data, self.base.tokenizer, self.base.bos_token_id, self.base.eos_token_id, skip_batches=self.batches_read
+                data,
+                self.base.tokenizer,
+                self.base.bos_token_id,
+                self.base.eos_token_id,
+                skip_batches=self.batches_read,
             )
             seen = False
             for input_ids, attention_mask in batches:
@@ -168,7 +228,13 @@ class ActivationStream:
     def harvest_batch(self, batches: Iterator[tuple[Tensor, Tensor]]) -> Tensor:
         input_ids, attention_mask = next(batches)
         h = harvest(
-            self.base, input_ids, attention_mask, self.cfg.layers, self.cfg.policy, self.cfg.corruption, self.mask_generator
+            self.base,
+            input_ids,
+            attention_mask,
+            self.cfg.layers,
+            self.cfg.policy,
+            self.cfg.corruption,
+            self.mask_generator,
         )
         acts = torch.stack([h.acts[layer] for layer in self.cfg.layers], dim=1).float()
         if not torch.isfinite(acts).all():
@@ -190,7 +256,9 @@ class ActivationStream:
                 parts.append(self.harvest_batch(batches))
                 n += len(parts[-1])
             buffer = torch.cat(parts)
-            buffer = buffer[torch.randperm(len(buffer), generator=self.shuffle_generator).to(buffer.device)]
+            buffer = buffer[
+                torch.randperm(len(buffer), generator=self.shuffle_generator).to(buffer.device)
+            ]
             half = (len(buffer) // 2) // batch * batch
             for start in range(0, half, batch):
                 if self.remaining is not None:
@@ -238,7 +306,9 @@ class SAESet(nn.Module):
     def forward(self, x: Tensor, layers: list[int], dead: dict[str, Tensor], k_aux: int | None):
         """x: [batch, n_layers, d] -> {name: ForwardOutput}."""
         return {
-            self.name(layer, k): self.sae(layer, k)(x[:, layers.index(layer)], dead[self.name(layer, k)], k_aux)
+            self.name(layer, k): self.sae(layer, k)(
+                x[:, layers.index(layer)], dead[self.name(layer, k)], k_aux
+            )
             for layer, k in self.keys
         }
 
@@ -286,7 +356,9 @@ def latest_checkpoint(cfg: TrainConfig) -> Path | None:
     return steps[-1] if steps else None
 
 
-def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, saes, optimizer, scheduler, state, stream, tracker) -> None:
+def save_checkpoint(
+    accelerator: Accelerator, cfg: TrainConfig, saes, optimizer, scheduler, state, stream, tracker
+) -> None:
     """All ranks write into a temp dir; rank 0 renames it into place, so a checkpoint is whole or absent."""
     root = checkpoint_root(cfg)
     tmp = root / f".tmp-step_{state.step:08d}"
@@ -314,7 +386,9 @@ def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, saes, optimizer,
     accelerator.wait_for_everyone()
 
 
-def initialise(saes: SAESet, stream_iter: Iterator[Tensor], cfg: TrainConfig, accelerator: Accelerator) -> list[float]:
+def initialise(
+    saes: SAESet, stream_iter: Iterator[Tensor], cfg: TrainConfig, accelerator: Accelerator
+) -> list[float]:
     """Input scale per layer (averaged over ranks), b_dec = geometric median of the first batch and
     the encoder matched to that batch's scale (DDP then copies rank 0's start to every rank)."""
     first = next(stream_iter)
@@ -335,20 +409,31 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
     """Run the whole recipe; returns the suite folder on the main process."""
     accelerator = Accelerator(log_with=cfg.log_with or None, project_dir=cfg.output_dir)
     torch.manual_seed(cfg.seed)
-    dtype = getattr(torch, cfg.dtype) if isinstance(cfg.dtype, str) and hasattr(torch, cfg.dtype) else None
+    dtype = (
+        getattr(torch, cfg.dtype)
+        if isinstance(cfg.dtype, str) and hasattr(torch, cfg.dtype)
+        else None
+    )
     base = load_base_model(cfg.model, dtype=dtype, device=accelerator.device)
     cfg.check(base)
     checkpoint = latest_checkpoint(cfg) if resume else None
     if resume and checkpoint is None:
-        accelerator.print(f"--resume: no checkpoint under {checkpoint_root(cfg)}; starting from scratch.")
+        accelerator.print(
+            f"--resume: no checkpoint under {checkpoint_root(cfg)}; starting from scratch."
+        )
 
     saes = SAESet(cfg, base).to(accelerator.device)
     stream = ActivationStream(base, cfg, accelerator.process_index, accelerator.num_processes)
     world_batch = cfg.sae_batch_size * accelerator.num_processes
     total_steps = max(1, cfg.total_tokens // world_batch)
-    optimizer = torch.optim.Adam(saes.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+    optimizer = torch.optim.Adam(
+        saes.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    since_fired = {SAESet.name(layer, k): torch.zeros(saes.sae(layer, k).d_sae, dtype=torch.long) for layer, k in saes.keys}
+    since_fired = {
+        SAESet.name(layer, k): torch.zeros(saes.sae(layer, k).d_sae, dtype=torch.long)
+        for layer, k in saes.keys
+    }
 
     if checkpoint is not None:
         saved = torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=True)
@@ -357,7 +442,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
         scheduler.load_state_dict(saved["scheduler"])
         state = TrainState(**saved["state"])
         since_fired = saved["since_fired"]
-        stream.load_state_dict(torch.load(checkpoint / f"rank_{accelerator.process_index}.pt", weights_only=True))
+        stream.load_state_dict(
+            torch.load(checkpoint / f"rank_{accelerator.process_index}.pt", weights_only=True)
+        )
         stream.remaining = total_steps - state.step
         batches = iter(stream)
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
@@ -370,11 +457,19 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
     if accelerator.is_main_process and cfg.log_with:
         accelerator.init_trackers(cfg.name, config={k: str(v) for k, v in asdict(cfg).items()})
     scale = torch.tensor(state.scale, device=accelerator.device)[None, :, None]
-    bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process, desc=cfg.name)
+    bar = tqdm(
+        total=total_steps,
+        initial=state.step,
+        disable=not accelerator.is_main_process,
+        desc=cfg.name,
+    )
     started = time.perf_counter()
     while state.step < total_steps:
         x = next(batches) / scale
-        dead = {name: (since_fired[name] > cfg.dead_tokens).to(accelerator.device) for name in since_fired}
+        dead = {
+            name: (since_fired[name] > cfg.dead_tokens).to(accelerator.device)
+            for name in since_fired
+        }
         outs = model(x, cfg.layers, dead, cfg.k_aux)
         loss = sum(o.fvu + cfg.auxk_alpha * o.auxk_loss for o in outs.values())
         accelerator.backward(loss)
@@ -389,7 +484,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
 
         fired = torch.stack(
             [
-                torch.zeros(saes.saes[name].d_sae, device=accelerator.device).index_fill_(0, o.latents.top_indices.flatten(), 1)
+                torch.zeros(saes.saes[name].d_sae, device=accelerator.device).index_fill_(
+                    0, o.latents.top_indices.flatten(), 1
+                )
                 for name, o in outs.items()
             ]
         )
@@ -402,15 +499,34 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
         bar.update()
 
         if state.step % cfg.log_every == 0 or state.step == total_steps:
-            fvus = {name: accelerator.reduce(o.fvu.detach(), reduction="mean").item() for name, o in outs.items()}
-            dead_share = {name: (since_fired[name] > cfg.dead_tokens).float().mean().item() for name in outs}
-            bar.set_postfix(tokens=f"{state.tokens:,}", fvu=f"{sum(fvus.values()) / len(fvus):.3f}", dead=f"{100 * max(dead_share.values()):.1f}%")
+            fvus = {
+                name: accelerator.reduce(o.fvu.detach(), reduction="mean").item()
+                for name, o in outs.items()
+            }
+            dead_share = {
+                name: (since_fired[name] > cfg.dead_tokens).float().mean().item() for name in outs
+            }
+            bar.set_postfix(
+                tokens=f"{state.tokens:,}",
+                fvu=f"{sum(fvus.values()) / len(fvus):.3f}",
+                dead=f"{100 * max(dead_share.values()):.1f}%",
+            )
             accelerator.log(
-                {**{f"fvu/{n}": v for n, v in fvus.items()}, **{f"dead/{n}": v for n, v in dead_share.items()}, "lr": scheduler.get_last_lr()[0]},
+                {
+                    **{f"fvu/{n}": v for n, v in fvus.items()},
+                    **{f"dead/{n}": v for n, v in dead_share.items()},
+                    "lr": scheduler.get_last_lr()[0],
+                },
                 step=state.step,
             )
-        if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < total_steps:
-            save_checkpoint(accelerator, cfg, model, optimizer, scheduler, state, stream, since_fired)
+        if (
+            cfg.checkpoint_every
+            and state.step % cfg.checkpoint_every == 0
+            and state.step < total_steps
+        ):
+            save_checkpoint(
+                accelerator, cfg, model, optimizer, scheduler, state, stream, since_fired
+            )
     bar.close()
     train_seconds = time.perf_counter() - started
     # DDP keeps every rank's SAEs identical; record each rank's checksum so a run proves it.
@@ -425,12 +541,30 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
                 sae = copy.deepcopy(saes.sae(layer, k))
                 sae.fold_input_scale(state.scale[i])
                 final[layer, k] = sae.cpu().eval()
-        metrics = evaluate_suite(base, final, cfg.policy, cfg.corruption, cfg.data("heldout"), cfg.eval_tokens, seed=cfg.seed)
+        metrics = evaluate_suite(
+            base,
+            final,
+            cfg.policy,
+            cfg.corruption,
+            cfg.data("heldout"),
+            cfg.eval_tokens,
+            seed=cfg.seed,
+        )
         features = None
         if cfg.feature_tokens:
-            features = collect_features(base, final, cfg.policy, cfg.corruption, cfg.data(), cfg.feature_tokens, seed=cfg.seed)
+            features = collect_features(
+                base,
+                final,
+                cfg.policy,
+                cfg.corruption,
+                cfg.data(),
+                cfg.feature_tokens,
+                seed=cfg.seed,
+            )
         for (layer, k), m in metrics.items():
-            m["train_dead_share"] = (since_fired[SAESet.name(layer, k)] > cfg.dead_tokens).float().mean().item()
+            m["train_dead_share"] = (
+                (since_fired[SAESet.name(layer, k)] > cfg.dead_tokens).float().mean().item()
+            )
             m["input_scale"] = state.scale[cfg.layers.index(layer)]
         info = {
             "base_model": base.name,
@@ -439,7 +573,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
             "d_in": base.d_model,
             "d_sae": cfg.latents(base.d_model),
             "corruption": {"schedule": cfg.schedule, "t_min": cfg.t_min, "t_max": cfg.t_max},
-            "training": {**asdict(cfg), "steps": state.step, "tokens": state.tokens, "processes": accelerator.num_processes, "rank_checksums": rank_checksums, "train_seconds": round(train_seconds, 1)},
+            "training": {
+                **asdict(cfg),
+                "steps": state.step,
+                "tokens": state.tokens,
+                "processes": accelerator.num_processes,
+                "rank_checksums": rank_checksums,
+                "train_seconds": round(train_seconds, 1),
+            },
         }
         out_dir = save_suite(Path(cfg.output_dir) / cfg.name, final, metrics, info, features)
         shutil.rmtree(checkpoint_root(cfg), ignore_errors=True)
@@ -452,5 +593,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
 def summary_table(metrics: dict[tuple[int, int], dict]) -> str:
     rows = ["| layer | k | FVU | L0 | dead % |", "|---|---|---|---|---|"]
     for (layer, k), m in sorted(metrics.items()):
-        rows.append(f"| {layer} | {k} | {m['fvu']:.3f} | {m['l0']:.1f} | {100 * m['dead_share']:.1f} |")
+        rows.append(
+            f"| {layer} | {k} | {m['fvu']:.3f} | {m['l0']:.1f} | {100 * m['dead_share']:.1f} |"
+        )
     return "\n".join(rows)

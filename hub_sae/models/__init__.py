@@ -38,15 +38,19 @@ class BaseModel:
 
     @property
     def d_model(self) -> int:
-        return self.model.config.hidden_size if hasattr(self.model.config, "hidden_size") else (
-            self.model.config.d_model
+        return (
+            self.model.config.hidden_size
+            if hasattr(self.model.config, "hidden_size")
+            else (self.model.config.d_model)
         )
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def run(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask)
         if isinstance(out, torch.Tensor):
             return out
