@@ -30,6 +30,7 @@ activations under the mask policy (the embedded model and corpus). The reference
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -49,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hub_sae.sae import TopKSAE
+from hub_sae.sae import WEIGHT_GRAD_PATHS, TopKSAE, weight_grad_path
 
 BATCH = 1024
 LR = 1e-3
@@ -103,13 +104,16 @@ def adam(params) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=LR, betas=(0.9, 0.999), fused=True)
 
 
-def hub_runner(case: Case, dead: Tensor, first: Tensor) -> Runner:
+def hub_runner(case: Case, dead: Tensor, first: Tensor, weight_grad: str | None = None) -> Runner:
+    """hub-sae's step; `weight_grad` picks its weight-gradient kernel (default: the device's)."""
     sae = TopKSAE(case.d_in, case.d_sae, case.k).to(first.device, first.dtype)
+    path = weight_grad or weight_grad_path[first.device.type]
     sae.b_dec.data.copy_(first.mean(0))
     sae.match_scale(first)
     optimizer = adam(sae.parameters())
 
     def step(x: Tensor) -> None:
+        weight_grad_path[x.device.type] = path
         out = sae(x, dead_mask=dead)
         (out.fvu + AUXK_ALPHA * out.auxk_loss).backward()
         sae.remove_gradient_parallel_to_decoder_directions()
@@ -247,16 +251,24 @@ def clock(device: torch.device) -> float:
 
 
 def bench_case(
-    case: Case, skip: dict[str, str], device: str = "cpu", dtype: torch.dtype = torch.float32
+    case: Case,
+    skip: dict[str, str],
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    weight_grads: tuple[str, ...] = (),
 ) -> dict[str, object]:
-    """Train every available library for case.rounds steps in alternation; times and FVUs."""
+    """Train every available library for case.rounds steps in alternation; times and FVUs.
+
+    Each of `weight_grads` adds a hub-sae runner `hub_sae_<path>` with that weight-gradient kernel.
+    """
     train, heldout = (t.to(device, dtype) for t in activations(case))
     batches = train.split(BATCH)
     dead = torch.rand(case.d_sae, generator=torch.Generator().manual_seed(3)) < DEAD_SHARE
     dead = dead.to(device)
     runners: dict[str, Runner] = {}
     errors: dict[str, str] = {}
-    for name, make in {"hub_sae": hub_runner, **REFERENCES}.items():
+    variants = {f"hub_sae_{p}": functools.partial(hub_runner, weight_grad=p) for p in weight_grads}
+    for name, make in {"hub_sae": hub_runner, **variants, **REFERENCES}.items():
         if name in skip:
             continue
         torch.manual_seed(0)
@@ -307,6 +319,8 @@ def bench_case(
 def table(results: list[dict]) -> str:
     """Markdown: tokens/s (held-out FVU) of each library, the floor, and hub-sae's ratios."""
     names = {"hub_sae": "hub-sae", "sparsify": "sparsify", "saelens": "SAELens"}
+    variants = {n for r in results for n in r["libraries"] if n.startswith("hub_sae_")}
+    names.update({n: n.replace("hub_sae_", "hub-sae ") for n in sorted(variants)})
     head = "| data | d_in | d_sae | k | threads | tokens | floor ms |"
     head += "".join(f" {label} tok/s (FVU) |" for label in names.values())
     head += " hub step / floor | vs sparsify | vs SAELens |"
@@ -321,8 +335,7 @@ def table(results: list[dict]) -> str:
         cells.append(f"{libs['hub_sae']['step_over_floor']:.2f}")
         cells += [
             f"{speed[f'vs_{n}']:.2f}x" if f"vs_{n}" in speed else "-"
-            for n in names
-            if n != "hub_sae"
+            for n in ("sparsify", "saelens")
         ]
         rows.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(rows)
@@ -372,6 +385,13 @@ def main() -> None:
     )
     parser.add_argument("--dtype", default="float32", help="float32 or bfloat16: weights and data")
     parser.add_argument("--synthetic", action="store_true", help="skip the MiniLM case")
+    parser.add_argument(
+        "--weight-grad",
+        action="append",
+        default=[],
+        choices=WEIGHT_GRAD_PATHS,
+        help="also time hub-sae with this weight-gradient kernel (repeatable)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -394,7 +414,7 @@ def main() -> None:
                 f"warning: load average {load:.1f} before the run; busy cores stall every "
                 "multi-threaded op, so these timings will be slow and noisy"
             )
-        result = bench_case(case, skip, args.device, dtype)
+        result = bench_case(case, skip, args.device, dtype, tuple(args.weight_grad))
         result.update(
             threads=args.threads,
             load_avg_1min=[load, os.getloadavg()[0]],

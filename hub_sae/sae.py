@@ -47,14 +47,31 @@ def _tokens(indices: Tensor, first: int = 0) -> Tensor:
     return torch.arange(first, first + n, device=indices.device).repeat_interleave(k)
 
 
+WEIGHT_GRAD_PATHS = ("embedding_bag", "index_add")
+weight_grad_path: dict[str, str] = {"cpu": "embedding_bag", "cuda": "embedding_bag"}
+"""The `_scatter_rows` kernel per device type; benchmarks/train_step.py --weight-grad measures both."""
+INDEX_ADD_CHUNK = 1 << 16
+"""Pairs per `index_add_` call: bounds its [chunk, d] temporary."""
+
+
 def _scatter_rows(
     latents: Tensor, tokens: Tensor, weights: Tensor, rows: Tensor, n_rows: int
 ) -> Tensor:
     """[n_rows, d]: for each (flat) pair p, weights[p] * rows[tokens[p]] summed into row latents[p].
 
-    An `embedding_bag` whose bags are the latents and whose table is `rows`: each output row is
-    written once, and no [pairs, d] or [N, n_rows] tensor is built.
+    Either an `embedding_bag` whose bags are the latents and whose table is `rows` (each output row
+    written once; the fast path on CPU) or chunked `index_add_`s of weighted [chunk, d] row blocks
+    (atomic adds, no sort). Neither builds a [pairs, d] or [N, n_rows] tensor.
     """
+    path = weight_grad_path.get(rows.device.type, "embedding_bag")
+    if path == "index_add":
+        out = rows.new_zeros(n_rows, rows.shape[1])
+        for start in range(0, len(latents), INDEX_ADD_CHUNK):
+            part = slice(start, start + INDEX_ADD_CHUNK)
+            out.index_add_(0, latents[part], rows[tokens[part]] * weights[part, None])
+        return out
+    if path != "embedding_bag":
+        raise ValueError(f"weight_grad_path must be one of {WEIGHT_GRAD_PATHS}; got {path!r}.")
     # On CPU the stable sort of int32 keys is the fast one (and the least hurt by busy cores).
     order = latents.int().argsort(stable=True)
     counts = torch.bincount(latents, minlength=n_rows)

@@ -2,7 +2,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import hub_sae.sae
 from hub_sae import TopKSAE
+from hub_sae.sae import WEIGHT_GRAD_PATHS, weight_grad_path
 
 
 def reference(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor | None = None, k_aux: int = 8):
@@ -55,8 +57,11 @@ def test_encode_keeps_leading_dims(sae):
     )
 
 
+@pytest.mark.parametrize("path", WEIGHT_GRAD_PATHS)
 @pytest.mark.parametrize("n_dead", [40, 100])  # <= 2 d_in: a dense block over the dead; else sparse
-def test_gradients_match_dense_reference_including_auxk(sae, n_dead):
+def test_gradients_match_dense_reference_including_auxk(sae, n_dead, path, monkeypatch):
+    monkeypatch.setitem(weight_grad_path, "cpu", path)
+    monkeypatch.setattr(hub_sae.sae, "INDEX_ADD_CHUNK", 7)  # several chunks, one of them partial
     x = torch.randn(40, 32, requires_grad=True)
     dead = torch.zeros(128, dtype=torch.bool)
     dead[torch.randperm(128)[:n_dead]] = True
@@ -147,3 +152,9 @@ def test_match_scale_starts_the_reconstruction_at_the_inputs_distance_from_b_dec
 def test_bad_k_is_refused():
     with pytest.raises(ValueError, match="k must satisfy 0 < k < d_sae"):
         TopKSAE(d_in=8, d_sae=16, k=16)
+
+
+def test_unknown_weight_grad_path_is_named(sae, monkeypatch):
+    monkeypatch.setitem(weight_grad_path, "cpu", "dense")
+    with pytest.raises(ValueError, match="weight_grad_path must be one of"):
+        sae(torch.randn(8, 32)).fvu.backward()
