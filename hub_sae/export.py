@@ -152,22 +152,22 @@ def export(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} already exists and is not empty; remove it or pick another.")
     saes = _load(source, layer, k)
-    ks = sorted({key_k for _, key_k in saes})
-    groups = {key_k: [sae for (_, sae_k), sae in saes.items() if sae_k == key_k] for key_k in ks}
-    relative = {}
+    several_k = len({sae_k for _, sae_k in saes}) > 1
+    written: list[Path] = []
 
     def fill(tmp: Path) -> None:
-        for key_k, group in groups.items():
-            run = tmp if len(ks) == 1 else tmp / f"k_{key_k}"
-            for sae in group:
-                name = _folder_name(sae, fmt)
-                WRITERS[fmt](sae, run / name)
-                relative[sae.layer, key_k] = (run / name).relative_to(tmp)
-            if fmt == "sparsify":
+        runs: dict[Path, list[TopKSAE]] = {}
+        for (_, sae_k), sae in saes.items():
+            run = tmp / f"k_{sae_k}" if several_k else tmp
+            runs.setdefault(run, []).append(sae)
+            WRITERS[fmt](sae, run / _folder_name(sae, fmt))
+            written.append(out / (run / _folder_name(sae, fmt)).relative_to(tmp))
+        if fmt == "sparsify":
+            for run, group in runs.items():
                 _write_sparsify_run(group, run)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.is_dir():
         out.rmdir()  # empty (checked above): the rename replaces it
     _write_atomically(out, fill)
-    return [out / rel for rel in relative.values()]
+    return written
