@@ -11,7 +11,10 @@ Layouts (each a folder holding one SAE), read as each library's current save cod
 - SAELens 6:            cfg.json + sae_weights.safetensors (`save_model`), architecture "topk";
                         model and hook names under cfg["metadata"] (older configs: at the top).
 Everything that would change the math and is not folded in exactly (SAELens'
-rescale_acts_by_decoder_norm and apply_b_dec_to_input=false are) is refused by name: see REFUSED.
+rescale_acts_by_decoder_norm and apply_b_dec_to_input=false are) is refused, naming the flag and
+the file: SAELens architectures other than topk, normalize_activations, reshape_activations hook_z,
+hook_head_index, finetuning scaling factors; sparsify groupmax, skip_connection, transcode;
+dictionary_learning dict_class other than AutoEncoderTopK.
 
 Every folder is found by its small JSON file first; only the chosen SAE's weights are downloaded,
 and their names and shapes are checked in the safetensors header before anything is allocated.
@@ -43,14 +46,6 @@ METADATA_PATTERNS = ["suite.json", "*config.json", "*cfg.json"]
 LAYER_IN_NAME = re.compile(r"(?:^|[._])(?:layers|layer|blocks|h)[._](\d+)(?=$|[._])")
 # The output of a whole block (the residual stream after it), in sparsify's and SAELens' naming.
 BLOCK_OUTPUT = re.compile(r"(?:.*\.)?(?:layers|layer|blocks|h)\.\d+(?:\.hook_resid_post)?")
-REFUSED = {
-    "SAELens": "architecture other than topk; normalize_activations other than none; "
-    "reshape_activations hook_z; hook_head_index; a finetuning scaling factor",
-    "sparsify": "activation groupmax; skip_connection; transcode",
-    "dictionary_learning": "dict_class other than AutoEncoderTopK (BatchTopKSAE encodes with its "
-    "global threshold, not per-token top k)",
-}
-"""What each reader refuses, with an error naming the flag and the file."""
 
 
 class SAELoadError(ValueError):
@@ -363,11 +358,10 @@ def read_hub_sae(found: SAEFolder, weights: Path) -> TopKSAE:
 def read_dictionary_learning(found: SAEFolder, weights: Path) -> TopKSAE:
     config_path = found.folder / "config.json"
     trainer, buffer = found.config["trainer"], found.config.get("buffer") or {}
-    dict_class = trainer.get("dict_class")
-    if dict_class is None and trainer.get("trainer_class") != "TopKTrainer":
-        dict_class = trainer.get("trainer_class")
-    if dict_class not in (None, "AutoEncoderTopK"):
-        raise _refuse(config_path, "dict_class", dict_class, REFUSED["dictionary_learning"])
+    flag = "dict_class" if "dict_class" in trainer else "trainer_class"
+    if trainer.get(flag) not in (None, "AutoEncoderTopK", "TopKTrainer"):
+        why = "BatchTopK and others encode with a threshold, not per-token top k"
+        raise _refuse(config_path, flag, trainer[flag], why)
     kwargs = sae_kwargs(
         dict(
             d_in=trainer.get("activation_dim"),
