@@ -3,7 +3,10 @@
     hub-sae eval SUITE [--max-tokens N] [--device D]       layer_{L}/metrics.json + metrics.json
     hub-sae card SUITE [--repo-id ID]                       README.md + the FVU plot
     hub-sae card --release CONFIG --metrics JSON --out DIR  a release's card from reported metrics
-    hub-sae push SUITE --repo-id ID [--private] [--dry-run] one commit with the whole suite
+    hub-sae push SUITE --repo-id ID [--private] [--dry-run] [--revision R] [--create-pr]
+                                                            one commit with the whole suite
+    hub-sae export SAE_OR_SUITE --format saelens|sparsify --out DIR
+                                                            folders SAELens / sparsify load
 
 SUITE is a suite folder, or (eval, card) a hub repo id downloaded with snapshot_download.
 """
@@ -73,19 +76,38 @@ def _card(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from hub_sae.publish import check_publishable, format_file_list, push_suite
+    from hub_sae.publish import check_publishable, format_file_list, push_suite, stray_files
 
     root = Path(args.suite)
+    files = check_publishable(root, args.repo_id)
+    for stray in stray_files(root, files):
+        print(
+            f"warning: {stray.local_path} ({stray.size:,} bytes) is not part of the suite but "
+            "would be uploaded; move it out of the folder if it should not be.",
+            file=sys.stderr,
+        )
     if args.dry_run:
-        files = check_publishable(root, args.repo_id)
         visibility = "private" if args.private else "public"
         print(
             f"dry run: would push {len(files)} files to {args.repo_id} ({visibility}) in one commit"
         )
         print(format_file_list(files))
         return 0
-    info = push_suite(root, args.repo_id, args.private, args.token, args.message)
-    print(f"pushed {root} to {args.repo_id} in one commit: {info.commit_url}")
+    info = push_suite(
+        root, args.repo_id, args.private, args.token, args.message, args.revision, args.create_pr
+    )
+    where = f"pull request {info.pr_url}" if info.pr_url else f"one commit: {info.commit_url}"
+    print(f"pushed {root} to {args.repo_id} in {where}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from hub_sae.export import export
+
+    folders = export(args.source, args.format, args.out, args.layer, args.k)
+    print(f"wrote {len(folders)} {args.format} folder(s) under {args.out}:")
+    for folder in folders:
+        print(f"  {folder}")
     return 0
 
 
@@ -136,6 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     push.add_argument("--token", help="hub token (default: the logged-in one)")
     push.add_argument("--message", help="commit message")
+    push.add_argument("--revision", help="branch to commit to (default: main)")
+    push.add_argument(
+        "--create-pr", action="store_true", help="open a pull request instead of committing"
+    )
+
+    exp = commands.add_parser("export", help="write SAELens or sparsify folders of a suite or SAE")
+    exp.add_argument("source", metavar="SAE_OR_SUITE", help="suite folder, SAE folder or repo id")
+    exp.add_argument("--format", required=True, choices=("saelens", "sparsify"))
+    exp.add_argument("--out", required=True, help="new (or empty) folder to write")
+    exp.add_argument("--layer", type=int, help="export only this layer's SAE")
+    exp.add_argument("--k", type=int, help="export only the SAE with this k")
     return parser
 
 
@@ -151,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         if args.command == "card":
             return _card(args, parser)
+        if args.command == "export":
+            return _export(args)
         return _push(args)
     except (OSError, ValueError) as e:
         print(f"hub-sae: error: {e}", file=sys.stderr)

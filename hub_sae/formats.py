@@ -1,14 +1,23 @@
 """Find and read SAEs in every published layout, from a local folder or a hub repo.
 
-Layouts (each a folder holding one SAE):
+Layouts (each a folder holding one SAE), read as each library's current save code writes them:
 - hub-sae:              config.json (TopKSAE kwargs) + model.safetensors; a suite adds suite.json
                         and one `layer_{L}/` folder per layer.
-- dictionary_learning:  config.json ({"trainer": {...}, "buffer": {...}}) + ae.pt (DLM-Scope release:
+- dictionary_learning:  config.json ({"trainer": {...}, "buffer": {...}}) + ae.pt, dict_class
+                        AutoEncoderTopK (DLM-Scope release:
                         saes_{policy}_{model}_top_k/resid_post_layer_{L}/trainer_{i}/).
-- sparsify:             cfg.json + sae.safetensors, in a folder named after the hookpoint (`layers.16`).
-- SAELens:              cfg.json + sae_weights.safetensors.
+- sparsify 1.3:         `<hookpoint>/cfg.json` + sae.safetensors (`save_to_disk`), activation "topk";
+                        the run's config.json beside the hookpoint folders names the model.
+- SAELens 6:            cfg.json + sae_weights.safetensors (`save_model`), architecture "topk";
+                        model and hook names under cfg["metadata"] (older configs: at the top).
+Everything that would change the math and is not folded in exactly (SAELens'
+rescale_acts_by_decoder_norm and apply_b_dec_to_input=false are) is refused, naming the flag and
+the file: SAELens architectures other than topk, normalize_activations, reshape_activations hook_z,
+hook_head_index, finetuning scaling factors; sparsify groupmax, skip_connection, transcode;
+dictionary_learning dict_class other than AutoEncoderTopK.
 
-Every folder is found by its small JSON file first; only the chosen SAE's weights are downloaded.
+Every folder is found by its small JSON file first; only the chosen SAE's weights are downloaded,
+and their names and shapes are checked in the safetensors header before anything is allocated.
 """
 
 from __future__ import annotations
@@ -20,8 +29,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import hf_hub_download, snapshot_download
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from hub_sae.sae import TopKSAE
@@ -33,6 +41,11 @@ WEIGHTS = {
     "saelens": "sae_weights.safetensors",
 }
 METADATA_PATTERNS = ["suite.json", "*config.json", "*cfg.json"]
+# A layer index inside a hook or folder name: layers.16, layers.16.mlp, blocks.9.hook_resid_post,
+# transformer.h.3, encoder.layer.2, resid_post_layer_16, layer_3.
+LAYER_IN_NAME = re.compile(r"(?:^|[._])(?:layers|layer|blocks|h)[._](\d+)(?=$|[._])")
+# The output of a whole block (the residual stream after it), in sparsify's and SAELens' naming.
+BLOCK_OUTPUT = re.compile(r"(?:.*\.)?(?:layers|layer|blocks|h)\.\d+(?:\.hook_resid_post)?")
 
 
 class SAELoadError(ValueError):
@@ -51,34 +64,103 @@ class SAEFolder:
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object from `path`, or an SAELoadError naming the file."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SAELoadError(f"Could not read {path}: {e}. Re-download or re-save this file.") from e
+    if not isinstance(data, dict):
+        raise SAELoadError(
+            f"{path} holds a JSON {type(data).__name__}, not an object of settings. "
+            "Re-download or re-save this file."
+        )
+    return data
 
 
-def _layer_from_name(name: str) -> int | None:
-    match = re.search(r"(\d+)$", name) or re.search(r"blocks\.(\d+)\.", name)
+def layer_from_hookpoint(name: str) -> int | None:
+    """The layer a hook or folder name points at (`layers.16.mlp` -> 16), or None."""
+    match = LAYER_IN_NAME.search(name)
     return int(match.group(1)) if match else None
+
+
+def _hookpoint(name: str | None) -> str:
+    """Our hookpoint for a library's hook name: "resid_post" for a whole block's output."""
+    return "resid_post" if not name or BLOCK_OUTPUT.fullmatch(name) else name
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def sae_kwargs(raw: dict, source: Path) -> dict:
+    """TopKSAE keyword arguments from `raw`, checked; or an SAELoadError naming `source`.
+
+    The one validation of an SAE's configuration, run before anything is allocated.
+    """
+    problems = [
+        f"{key} must be a positive integer, got {raw.get(key)!r}"
+        for key in ("d_in", "d_sae", "k")
+        if not (_integer(raw.get(key)) and raw[key] > 0)
+    ]
+    if not problems and not raw["k"] < raw["d_sae"]:
+        problems.append(f"k={raw['k']} must be smaller than d_sae={raw['d_sae']}")
+    layer = raw.get("layer")
+    if layer is not None and not (_integer(layer) and layer >= 0):
+        problems.append(f"layer must be a non-negative integer or null, got {layer!r}")
+    for key in ("hookpoint", "base_model", "policy"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            problems.append(f"{key} must be a string, got {raw[key]!r}")
+    if problems:
+        raise SAELoadError(
+            f"{source}: {'; '.join(problems)}. Fix these settings or re-save the SAE."
+        )
+    keys = ("d_in", "d_sae", "k", "layer", "hookpoint", "base_model", "policy")
+    return {key: raw[key] for key in keys if raw.get(key) is not None}
+
+
+def _refuse(source: Path, flag: str, value, why: str) -> SAELoadError:
+    return SAELoadError(
+        f"{source}: {flag}={value!r} is not supported ({why}); hub-sae reads plain TopK SAEs only."
+    )
 
 
 def _classify(path: Path) -> SAEFolder | None:
     """The SAE described by a config.json / cfg.json, or None for unrelated JSON files."""
     cfg = _read_json(path)
     folder = path.parent
-    if path.name == "config.json" and "d_sae" in cfg and "k" in cfg:
-        return SAEFolder("hub_sae", folder, cfg.get("layer"), cfg["k"], cfg)
-    if path.name == "config.json" and isinstance(cfg.get("trainer"), dict):
+    if path.name == "config.json" and len({"d_in", "d_sae", "k"} & cfg.keys()) >= 2:
+        kwargs = sae_kwargs(cfg, path)
+        found = SAEFolder("hub_sae", folder, kwargs.get("layer"), kwargs["k"], cfg)
+    elif path.name == "config.json" and isinstance(cfg.get("trainer"), dict):
         trainer = cfg["trainer"]
-        layer = trainer.get("layer", _layer_from_name(folder.parent.name))
-        return SAEFolder("dictionary_learning", folder, layer, trainer.get("k"), cfg)
-    if path.name == "cfg.json" and ("hook_name" in cfg or "architecture" in cfg):
-        layer = cfg.get("hook_layer", _layer_from_name(cfg.get("hook_name", "")))
-        k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
-        return SAEFolder("saelens", folder, layer, k, cfg)
-    if path.name == "cfg.json" and ("num_latents" in cfg or "expansion_factor" in cfg):
-        return SAEFolder("sparsify", folder, _layer_from_name(folder.name), cfg.get("k"), cfg)
-    return None
+        layer = trainer.get("layer", layer_from_hookpoint(folder.parent.name))
+        found = SAEFolder("dictionary_learning", folder, layer, trainer.get("k"), cfg)
+    elif path.name == "cfg.json" and ({"hook_name", "architecture", "metadata"} & cfg.keys()):
+        hook_name = _saelens_field(cfg, "hook_name")
+        layer = cfg.get("hook_layer", layer_from_hookpoint(str(hook_name or "")))
+        found = SAEFolder("saelens", folder, layer, _saelens_k(cfg), cfg)
+    elif path.name == "cfg.json" and ("num_latents" in cfg or "expansion_factor" in cfg):
+        found = SAEFolder("sparsify", folder, layer_from_hookpoint(folder.name), cfg.get("k"), cfg)
+    else:
+        return None
+    for name, value in (("layer", found.layer), ("k", found.k)):
+        if value is not None and not (_integer(value) and value >= 0):
+            raise SAELoadError(
+                f"{path}: {name} must be a non-negative integer, got {value!r}. Fix the file."
+            )
+    return found
+
+
+def _saelens_field(cfg: dict, key: str):
+    """A SAELens metadata field: under cfg["metadata"] (SAELens 6) or at the top (older)."""
+    metadata = cfg.get("metadata")
+    value = metadata.get(key) if isinstance(metadata, dict) else None
+    return cfg.get(key) if value is None else value
+
+
+def _saelens_k(cfg: dict):
+    kwargs = cfg.get("activation_fn_kwargs")
+    return cfg.get("k", kwargs.get("k") if isinstance(kwargs, dict) else None)
 
 
 def scan(root: Path) -> list[SAEFolder]:
@@ -198,144 +280,208 @@ def load_sae(
     return READERS[chosen.kind](chosen, weights)
 
 
-def _load_safetensors(path: Path) -> dict[str, Tensor]:
+def _shapes_in_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from a safetensors header (no tensor data is read)."""
     try:
-        return load_file(path)
+        with safe_open(path, framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     except (SafetensorError, OSError) as e:
         raise SAELoadError(
-            f"Could not read {path}: {e}. The file is corrupt or not safetensors."
+            f"Could not read {path}: {e}. The file is corrupt or not safetensors; re-download it."
         ) from e
 
 
-def _check(path: Path, tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...]]) -> None:
-    """Every expected tensor present with the expected shape, or an error naming file and tensor."""
-    missing = sorted(set(expected) - set(tensors))
+def _check_shapes(
+    path: Path,
+    shapes: dict[str, tuple[int, ...]],
+    expected: dict[str, tuple[int, ...]],
+    optional: tuple[str, ...] = (),
+) -> None:
+    """Exactly the expected tensors with the expected shapes, or an error naming file and tensor."""
+    missing = sorted(set(expected) - set(shapes))
     if missing:
-        raise SAELoadError(f"{path} is missing {missing}; it has {sorted(tensors)}.")
-    for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
-            raise SAELoadError(
-                f"{path}: {name} has shape {tuple(tensors[name].shape)}, expected {shape} "
-                "(from the config next to it: d_in / d_sae mismatch?)."
-            )
-
-
-def _build(cfg: dict, state: dict[str, Tensor], path: Path) -> TopKSAE:
-    sae = TopKSAE(**cfg)
-    expected = {name: tuple(p.shape) for name, p in sae.state_dict().items()}
-    _check(path, state, expected)
-    unexpected = sorted(set(state) - set(expected))
+        raise SAELoadError(f"{path} is missing {missing}; it has {sorted(shapes)}.")
+    unexpected = sorted(set(shapes) - set(expected) - set(optional))
     if unexpected:
         raise SAELoadError(
             f"{path} has unexpected tensors {unexpected}; expected {sorted(expected)}."
         )
-    sae.load_state_dict({name: t.to(torch.float32) for name, t in state.items()}, strict=True)
+    for name, shape in expected.items():
+        if shapes[name] != shape:
+            raise SAELoadError(
+                f"{path}: {name} has shape {shapes[name]}, expected {shape} "
+                "(from the config next to it: d_in / d_sae mismatch?)."
+            )
+
+
+def _read_safetensors(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
+    """The expected tensors of `path`, read once its header matched `expected`."""
+    _check_shapes(path, _shapes_in_header(path), expected)
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {name: f.get_tensor(name) for name in expected}
+    except (SafetensorError, OSError) as e:
+        raise SAELoadError(f"Could not read {path}: {e}. Re-download it.") from e
+
+
+def _shapes(kwargs: dict) -> dict[str, tuple[int, ...]]:
+    """The TopKSAE state-dict shapes for these kwargs."""
+    d_in, d_sae = kwargs["d_in"], kwargs["d_sae"]
+    return {
+        "encoder.weight": (d_sae, d_in),
+        "encoder.bias": (d_sae,),
+        "W_dec": (d_sae, d_in),
+        "b_dec": (d_in,),
+    }
+
+
+def _build(kwargs: dict, state: dict[str, Tensor], path: Path) -> TopKSAE:
+    """A TopKSAE holding `state` (float32), refusing non-finite weights; nothing is initialised."""
+    for name, tensor in state.items():
+        if not torch.isfinite(tensor).all():
+            raise SAELoadError(
+                f"{path}: tensor {name} holds NaN or Inf values; this SAE diverged or the file is "
+                "damaged. Use another checkpoint or re-download it."
+            )
+    with torch.device("meta"):  # shapes were checked: no need to allocate and initialise twice
+        sae = TopKSAE(**kwargs)
+    state = {name: t.to(torch.float32).contiguous() for name, t in state.items()}
+    sae.load_state_dict(state, strict=True, assign=True)
     return sae.eval()
 
 
 def read_hub_sae(found: SAEFolder, weights: Path) -> TopKSAE:
-    keys = ("d_in", "d_sae", "k", "layer", "hookpoint", "base_model", "policy")
-    return _build(
-        {key: found.config[key] for key in keys if key in found.config},
-        _load_safetensors(weights),
-        weights,
-    )
+    kwargs = sae_kwargs(found.config, found.folder / "config.json")
+    return _build(kwargs, _read_safetensors(weights, _shapes(kwargs)), weights)
 
 
 def read_dictionary_learning(found: SAEFolder, weights: Path) -> TopKSAE:
-    trainer, buffer = found.config["trainer"], found.config.get("buffer", {})
+    config_path = found.folder / "config.json"
+    trainer, buffer = found.config["trainer"], found.config.get("buffer") or {}
+    flag = "dict_class" if "dict_class" in trainer else "trainer_class"
+    if trainer.get(flag) not in (None, "AutoEncoderTopK", "TopKTrainer"):
+        why = "BatchTopK and others encode with a threshold, not per-token top k"
+        raise _refuse(config_path, flag, trainer[flag], why)
+    kwargs = sae_kwargs(
+        dict(
+            d_in=trainer.get("activation_dim"),
+            d_sae=trainer.get("dict_size"),
+            k=trainer.get("k"),
+            layer=found.layer,
+            base_model=trainer.get("lm_name"),
+            policy=buffer.get("dlm_mask_policy", "mask"),
+        ),
+        config_path,
+    )
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt or non-tensor pickles
         raise SAELoadError(
             f"Could not read {weights} with torch.load(weights_only=True): {e}"
         ) from e
-    d_in, d_sae, k = trainer["activation_dim"], trainer["dict_size"], trainer["k"]
-    _check(
-        weights,
-        state,
-        {
-            "encoder.weight": (d_sae, d_in),
-            "encoder.bias": (d_sae,),
-            "decoder.weight": (d_in, d_sae),
-            "b_dec": (d_in,),
-        },
+    if not isinstance(state, dict) or not all(isinstance(t, Tensor) for t in state.values()):
+        raise SAELoadError(f"{weights} is not a state dict of tensors; re-download it.")
+    d_in, d_sae, k = kwargs["d_in"], kwargs["d_sae"], kwargs["k"]
+    expected = {
+        "encoder.weight": (d_sae, d_in),
+        "encoder.bias": (d_sae,),
+        "decoder.weight": (d_in, d_sae),
+        "b_dec": (d_in,),
+    }
+    # `threshold` only serves encode(use_threshold=True), which AutoEncoderTopK's forward never uses.
+    _check_shapes(
+        weights, {n: tuple(t.shape) for n, t in state.items()}, expected, ("k", "threshold")
     )
     if "k" in state and int(state["k"]) != k:
         raise SAELoadError(f"{weights} stores k={int(state['k'])} but its config.json says k={k}.")
-    cfg = dict(
-        d_in=d_in,
-        d_sae=d_sae,
-        k=k,
-        layer=found.layer,
-        base_model=trainer.get("lm_name"),
-        policy=buffer.get("dlm_mask_policy", "mask"),
-    )
     converted = {
         "encoder.weight": state["encoder.weight"],
         "encoder.bias": state["encoder.bias"],
-        "W_dec": state["decoder.weight"].T.contiguous(),
+        "W_dec": state["decoder.weight"].T,
         "b_dec": state["b_dec"],
     }
-    return _build(cfg, converted, weights)
+    return _build(kwargs, converted, weights)
 
 
 def read_sparsify(found: SAEFolder, weights: Path) -> TopKSAE:
-    cfg = found.config
+    cfg, config_path = found.config, found.folder / "cfg.json"
+    if cfg.get("activation", "topk") != "topk":
+        raise _refuse(config_path, "activation", cfg["activation"], "group-max latents")
     for flag in ("skip_connection", "transcode"):
         if cfg.get(flag):
-            raise SAELoadError(
-                f"{found.folder / 'cfg.json'} has {flag}=true; only plain TopK SAEs are supported."
-            )
-    state = _load_safetensors(weights)
-    if "encoder.weight" not in state:
-        raise SAELoadError(f"{weights} is missing ['encoder.weight']; it has {sorted(state)}.")
-    d_sae, d_in = state["encoder.weight"].shape
-    if cfg.get("d_in", d_in) != d_in:
-        raise SAELoadError(
-            f"{weights}: encoder.weight has d_in={d_in}, cfg.json says d_in={cfg['d_in']}."
-        )
-    expected_latents = cfg.get("num_latents") or cfg.get("expansion_factor", 0) * d_in
-    if expected_latents and expected_latents != d_sae:
-        raise SAELoadError(
-            f"{weights}: encoder.weight has {d_sae} latents, cfg.json says {expected_latents}."
-        )
-    return _build(dict(d_in=d_in, d_sae=d_sae, k=cfg["k"], layer=found.layer), state, weights)
+            raise _refuse(config_path, flag, cfg[flag], "not an autoencoder of its input")
+    d_in = cfg.get("d_in")
+    d_sae = cfg.get("num_latents") or (
+        cfg.get("expansion_factor", 32) * d_in if _integer(d_in) else None
+    )
+    run = found.folder.parent / "config.json"  # the run's TrainConfig, when the folder has one
+    model = _read_json(run).get("model") if run.is_file() else None
+    kwargs = sae_kwargs(
+        dict(
+            d_in=d_in,
+            d_sae=d_sae,
+            k=cfg.get("k"),
+            layer=found.layer,
+            hookpoint=_hookpoint(found.folder.name),
+            base_model=model if isinstance(model, str) else None,
+        ),
+        config_path,
+    )
+    return _build(kwargs, _read_safetensors(weights, _shapes(kwargs)), weights)
 
 
 def read_saelens(found: SAEFolder, weights: Path) -> TopKSAE:
-    cfg = found.config
-    arch = cfg.get("architecture", cfg.get("activation_fn", cfg.get("activation_fn_str")))
-    if arch != "topk" or found.k is None:
-        raise SAELoadError(
-            f"{found.folder / 'cfg.json'}: architecture {arch!r} is not a TopK SAE with k."
+    cfg, config_path = found.config, found.folder / "cfg.json"
+    arch = cfg.get("architecture")
+    if arch is None:  # before SAELens 6: activation_fn(_str) "topk" with activation_fn_kwargs
+        arch = cfg.get("activation_fn", cfg.get("activation_fn_str", "standard"))
+    if arch != "topk":
+        raise _refuse(config_path, "architecture", arch, "not a TopK SAE")
+    normalize = cfg.get("normalize_activations", "none")
+    if normalize not in ("none", None, False):
+        raise _refuse(config_path, "normalize_activations", normalize, "inputs are rescaled")
+    if cfg.get("reshape_activations", "none") not in ("none", None):
+        raise _refuse(
+            config_path, "reshape_activations", cfg["reshape_activations"], "per-head inputs"
         )
-    if cfg.get("normalize_activations", "none") not in ("none", None):
-        raise SAELoadError(
-            f"{found.folder / 'cfg.json'}: normalize_activations={cfg['normalize_activations']!r} "
-            "is not supported; fold the normalisation into the weights first."
-        )
-    d_in, d_sae = cfg["d_in"], cfg["d_sae"]
-    state = _load_safetensors(weights)
-    _check(
+    for flag in ("hook_head_index", "finetuning_scaling_factor"):
+        if _saelens_field(cfg, flag) not in (None, False):
+            raise _refuse(config_path, flag, _saelens_field(cfg, flag), "not a plain TopK SAE")
+    hook_name = _saelens_field(cfg, "hook_name")
+    kwargs = sae_kwargs(
+        dict(
+            d_in=cfg.get("d_in"),
+            d_sae=cfg.get("d_sae"),
+            k=found.k,
+            layer=found.layer,
+            hookpoint=_hookpoint(hook_name),
+            base_model=_saelens_field(cfg, "model_name"),
+            policy=_saelens_field(cfg, "policy"),
+        ),
+        config_path,
+    )
+    d_in, d_sae = kwargs["d_in"], kwargs["d_sae"]
+    w = _read_safetensors(
         weights,
-        state,
         {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)},
     )
-    b_enc = state["b_enc"]
+    w = {name: t.to(torch.float32) for name, t in w.items()}
+    W_enc, b_enc, W_dec = w["W_enc"], w["b_enc"], w["W_dec"]
     if not cfg.get("apply_b_dec_to_input", True):
         # W_enc x + b_enc == W_enc (x - b_dec) + (b_enc + b_dec W_enc)
-        b_enc = b_enc + state["b_dec"] @ state["W_enc"]
+        b_enc = b_enc + w["b_dec"] @ W_enc
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        # SAELens scales the pre-activations by ||W_dec row|| and divides the latents by it before
+        # decoding: the same as an encoder scaled by the norms and a unit-norm decoder.
+        norms = W_dec.norm(dim=1).clamp_min(1e-8)
+        W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
     converted = {
-        "encoder.weight": state["W_enc"].T.contiguous(),
+        "encoder.weight": W_enc.T,
         "encoder.bias": b_enc,
-        "W_dec": state["W_dec"],
-        "b_dec": state["b_dec"],
+        "W_dec": W_dec,
+        "b_dec": w["b_dec"],
     }
-    cfg = dict(
-        d_in=d_in, d_sae=d_sae, k=found.k, layer=found.layer, base_model=cfg.get("model_name")
-    )
-    return _build(cfg, converted, weights)
+    return _build(kwargs, converted, weights)
 
 
 READERS = {

@@ -2,6 +2,9 @@
 
 Every file under the suite folder goes up (hidden files and folders such as `.cache/` and
 temp files excepted): suite.json, README.md, the plot, each layer's folder and metrics.json.
+Symbolic links are refused (they could point outside the suite), every SAE must load (no corrupt,
+empty or non-finite weights), and files the repo has but the suite no longer has are deleted in
+the same commit.
 """
 
 from __future__ import annotations
@@ -10,12 +13,25 @@ import math
 from pathlib import Path
 from typing import NamedTuple
 
-from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, metadata_load
+from huggingface_hub import (
+    CommitInfo,
+    CommitOperationAdd,
+    CommitOperationDelete,
+    HfApi,
+    metadata_load,
+)
+from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
-from hub_sae.cards import CARD_FILE, PLOT_FILE
-from hub_sae.suite import validate_suite
+from hub_sae.cards import CARD_FILE, PLOT_FILE, SUMMARY_FILE
+from hub_sae.features import FEATURES_FILE
+from hub_sae.formats import SAELoadError, load_sae
+from hub_sae.suite import LAYER_FILES, SUITE_FILE, layer_folders, validate_suite
 
 UNITS = ("B", "kB", "MB", "GB", "TB")
+SUITE_ROOT_FILES = {SUITE_FILE, CARD_FILE, PLOT_FILE, SUMMARY_FILE}
+SUITE_LAYER_FILES = {*LAYER_FILES, CARD_FILE, FEATURES_FILE}
+STRAY_WARNING_BYTES = 10_000_000
+"""Files above this size that are not part of the suite are pointed out before a push."""
 
 
 class PublishError(ValueError):
@@ -30,15 +46,38 @@ class SuiteFile(NamedTuple):
     size: int
 
 
+def _hidden(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts)
+
+
 def suite_files(root: str | Path) -> list[SuiteFile]:
-    """Every file that a push of `root` uploads, sorted by path in the repo."""
+    """Every regular file that a push of `root` uploads, sorted by path in the repo."""
     root = Path(root)
     files = []
     for path in root.rglob("*"):
         rel = path.relative_to(root)
-        if path.is_file() and not any(part.startswith(".") for part in rel.parts):
+        if path.is_file() and not path.is_symlink() and not _hidden(rel):
             files.append(SuiteFile(rel.as_posix(), path, path.stat().st_size))
     return sorted(files)
+
+
+def symlinks(root: str | Path) -> list[Path]:
+    """Symbolic links inside `root` (not followed), which a push refuses to upload."""
+    root = Path(root)
+    return sorted(p for p in root.rglob("*") if p.is_symlink() and not _hidden(p.relative_to(root)))
+
+
+def stray_files(root: str | Path, files: list[SuiteFile]) -> list[SuiteFile]:
+    """Large files among `files` that are not part of the suite's layout."""
+    folders = {f.relative_to(root).as_posix() for f in layer_folders(root).values()}
+
+    def expected(path_in_repo: str) -> bool:
+        folder, _, name = path_in_repo.rpartition("/")
+        return name in (SUITE_LAYER_FILES if folder else SUITE_ROOT_FILES) and (
+            not folder or folder in folders
+        )
+
+    return [f for f in files if f.size >= STRAY_WARNING_BYTES and not expected(f.path_in_repo)]
 
 
 def _fix(problem: str, root: Path, repo_id: str) -> str:
@@ -62,7 +101,18 @@ def card_repo_id(card: Path) -> str | None:
 def publish_problems(root: str | Path, repo_id: str) -> list[str]:
     """What keeps `root` from being pushed to `repo_id`, each with its fix (empty when ready)."""
     root = Path(root)
-    problems = [_fix(p, root, repo_id) for p in validate_suite(root, require_card=True)]
+    problems = [
+        f"{link} is a symbolic link (to {link.readlink()}): push uploads only regular files "
+        "inside the suite; replace it with a copy of what it points to"
+        for link in symlinks(root)
+    ]
+    problems += [_fix(p, root, repo_id) for p in validate_suite(root, require_card=True)]
+    if not problems:
+        for folder in layer_folders(root).values():
+            try:
+                load_sae(folder)
+            except SAELoadError as e:
+                problems.append(f"{e} (layer folder {folder})")
     card = root / CARD_FILE
     if card.is_file():
         again = f"run `hub-sae card {root} --repo-id {repo_id}`"
@@ -102,21 +152,44 @@ def format_file_list(files: list[SuiteFile]) -> str:
     return "\n".join(lines)
 
 
+def commit_operations(
+    files: list[SuiteFile], repo_files: list[str]
+) -> list[CommitOperationAdd | CommitOperationDelete]:
+    """Upload every file of the suite; delete what the repo has beyond it (hidden files kept)."""
+    local = {f.path_in_repo for f in files}
+    stale = sorted(p for p in repo_files if p not in local and not _hidden(Path(p)))
+    return [
+        *(CommitOperationAdd(f.path_in_repo, str(f.local_path)) for f in files),
+        *(CommitOperationDelete(path) for path in stale),
+    ]
+
+
 def push_suite(
     root: str | Path,
     repo_id: str,
     private: bool = False,
     token: str | None = None,
     commit_message: str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
 ) -> CommitInfo:
-    """Create `repo_id` if needed and upload the whole suite in a single commit."""
+    """Create `repo_id` if needed and make the repo (at `revision`) hold exactly the suite, in one
+    commit, or in a pull request with `create_pr`."""
     files = check_publishable(root, repo_id)
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    operations = [CommitOperationAdd(f.path_in_repo, str(f.local_path)) for f in files]
+    if revision is not None and not create_pr:
+        api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+    try:
+        repo_files = api.list_repo_files(repo_id, revision=revision, repo_type="model")
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        repo_files = []
+    operations = commit_operations(files, repo_files)
     return api.create_commit(
         repo_id,
         operations=operations,
         commit_message=commit_message or f"Upload hub-sae suite ({len(files)} files)",
         repo_type="model",
+        revision=revision,
+        create_pr=create_pr,
     )

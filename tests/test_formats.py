@@ -1,6 +1,7 @@
 """Every published layout, written on disk by the test, loads to the same math as the original."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -9,9 +10,10 @@ import torch
 from safetensors.torch import save_file
 
 from hub_sae import TopKSAE
-from hub_sae.formats import SAELoadError
+from hub_sae.formats import SAELoadError, layer_from_hookpoint
 
 D_IN, D_SAE, K = 24, 96, 5
+MISSING = object()
 
 
 def raw_weights(seed: int = 0, d_in: int = D_IN, d_sae: int = D_SAE) -> dict[str, torch.Tensor]:
@@ -304,3 +306,267 @@ def test_loads_from_hub_cache_offline(tmp_path):
     populate_hub_cache(tmp_path / "cache", "me/minilm-suite", tmp_path / "suite")
     suite = TopKSAE.load_suite("me/minilm-suite", cache_dir=tmp_path / "cache")
     assert sorted(suite) == [1, 3, 5]
+
+
+# --- Folders written by the real libraries (the `bench` extra), loaded against their own math ---
+
+
+def randomize(module: torch.nn.Module, seed: int) -> None:
+    """Random weights in every parameter, decoder rows of uneven norm (0.5 to 2)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+            if name == "W_dec":
+                p.mul_(
+                    0.5 + 1.5 * torch.rand(p.shape[0], 1, generator=g) / p.norm(dim=1, keepdim=True)
+                )
+
+
+def assert_same_reconstruction(sae: TopKSAE, reference, x: torch.Tensor) -> None:
+    """Our latents and reconstruction equal `reference(x)` = (dense latents, reconstruction)."""
+    z, x_hat = reference(x)
+    acts, idx = sae.encode(x)
+    torch.testing.assert_close(torch.zeros_like(z).scatter(1, idx, acts), z, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sae(x).reconstruction, x_hat, atol=1e-5, rtol=1e-5)
+
+
+def saelens_reference(sae):
+    def run(x):
+        with torch.no_grad():
+            z = sae.encode(x)
+            return z, sae.decode(z)
+
+    return run
+
+
+def sparsify_reference(coder):
+    def run(x):
+        with torch.no_grad():
+            out = coder.encode(x)
+            z = torch.zeros(len(x), coder.num_latents).scatter(1, out.top_indices, out.top_acts)
+            return z, coder.decode(out.top_acts, out.top_indices)
+
+    return run
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("apply_b_dec_to_input", [True, False])
+def test_saelens_6_save_model_loads_exactly(tmp_path, rescale, apply_b_dec_to_input):
+    sae_lens = pytest.importorskip("sae_lens")
+    from sae_lens.saes.sae import SAEMetadata
+
+    cfg = sae_lens.TopKSAEConfig(
+        d_in=D_IN,
+        d_sae=D_SAE,
+        k=K,
+        apply_b_dec_to_input=apply_b_dec_to_input,
+        rescale_acts_by_decoder_norm=rescale,
+        metadata=SAEMetadata(model_name="some/model", hook_name="blocks.9.hook_resid_post"),
+    )
+    theirs = sae_lens.TopKSAE(cfg)
+    randomize(theirs, seed=5)
+    theirs.save_model(tmp_path / "sae")
+    ours = TopKSAE.from_pretrained(tmp_path / "sae")
+    assert (ours.layer, ours.base_model, ours.hookpoint, ours.k) == (
+        9,
+        "some/model",
+        "resid_post",
+        K,
+    )
+    assert_same_reconstruction(ours, saelens_reference(theirs), torch.randn(64, D_IN) * 2)
+
+
+def test_sparsify_save_to_disk_loads_exactly_with_layer_and_model(tmp_path):
+    pytest.importorskip("sparsify")
+    from sparsify import SparseCoder, SparseCoderConfig
+    from sparsify.__main__ import RunConfig
+
+    run = tmp_path / "run"
+    coders = {}
+    for seed, hookpoint in enumerate(["layers.3", "layers.16.mlp"]):
+        coders[hookpoint] = SparseCoder(
+            D_IN, SparseCoderConfig(num_latents=D_SAE, k=K, multi_topk=True)
+        )
+        randomize(coders[hookpoint], seed)
+        coders[hookpoint].save_to_disk(run / hookpoint)
+    RunConfig(sae=SparseCoderConfig(k=K), model="some/model", hookpoints=list(coders)).save_json(
+        run / "config.json"
+    )
+    assert TopKSAE.load_suite(run).keys() == {3, 16}
+    ours = TopKSAE.from_pretrained(run, layer=16)
+    assert (ours.layer, ours.base_model, ours.hookpoint) == (16, "some/model", "layers.16.mlp")
+    assert_same_reconstruction(
+        ours, sparsify_reference(coders["layers.16.mlp"]), torch.randn(64, D_IN)
+    )
+    assert TopKSAE.from_pretrained(run, layer=3).hookpoint == "resid_post"
+
+
+@pytest.mark.parametrize(
+    "flag, value", [("activation", "groupmax"), ("skip_connection", True), ("transcode", True)]
+)
+def test_sparsify_variants_are_refused_by_name(tmp_path, flag, value):
+    pytest.importorskip("sparsify")
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    SparseCoder(D_IN, SparseCoderConfig(num_latents=D_SAE, k=K, **{flag: value})).save_to_disk(
+        tmp_path / "layers.2"
+    )
+    with pytest.raises(
+        SAELoadError, match=rf"layers\.2/cfg\.json: {flag}={value!r} is not supported"
+    ):
+        TopKSAE.from_pretrained(tmp_path)
+
+
+def test_saelens_jumprelu_is_refused_by_name(tmp_path):
+    sae_lens = pytest.importorskip("sae_lens")
+
+    sae_lens.JumpReLUSAE(sae_lens.JumpReLUSAEConfig(d_in=D_IN, d_sae=D_SAE)).save_model(tmp_path)
+    with pytest.raises(SAELoadError, match=r"cfg\.json: architecture='jumprelu' is not supported"):
+        TopKSAE.from_pretrained(tmp_path)
+
+
+# --- One hand-made fixture per refused flag (these run without the libraries) ---
+
+
+def saelens_folder(folder: Path, **overrides) -> None:
+    """A SAELens 6 TopK folder with `overrides` in its cfg.json."""
+    w = raw_weights(6)
+    cfg = {
+        "architecture": "topk",
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "k": K,
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "rescale_acts_by_decoder_norm": False,
+        "metadata": {"sae_lens_version": "6.54.12", "hook_name": "blocks.2.hook_resid_post"},
+        **overrides,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    save_file({**w, "W_enc": w["W_enc"].T.contiguous()}, folder / "sae_weights.safetensors")
+
+
+def sparsify_folder(folder: Path, **overrides) -> None:
+    """A sparsify 1.3 folder with `overrides` in its cfg.json."""
+    w = raw_weights(7)
+    cfg = {"activation": "topk", "num_latents": D_SAE, "k": K, "d_in": D_IN, **overrides}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    state = {"encoder.weight": w["W_enc"], "encoder.bias": w["b_enc"], "W_dec": w["W_dec"]}
+    save_file({**state, "b_dec": w["b_dec"]}, folder / "sae.safetensors")
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("architecture", "batchtopk"),
+        ("normalize_activations", "expected_average_only_in"),
+        ("normalize_activations", "layer_norm"),
+        ("reshape_activations", "hook_z"),
+        ("hook_head_index", 3),
+        ("finetuning_scaling_factor", True),
+    ],
+)
+def test_saelens_flags_that_change_the_math_are_refused(tmp_path, flag, value):
+    saelens_folder(tmp_path, **{flag: value})
+    with pytest.raises(SAELoadError, match=rf"cfg\.json: {flag}={value!r} is not supported"):
+        TopKSAE.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "flag, value", [("activation", "groupmax"), ("skip_connection", True), ("transcode", True)]
+)
+def test_sparsify_flags_that_change_the_math_are_refused(tmp_path, flag, value):
+    sparsify_folder(tmp_path / "layers.1", **{flag: value})
+    with pytest.raises(SAELoadError, match=rf"cfg\.json: {flag}={value!r} is not supported"):
+        TopKSAE.from_pretrained(tmp_path)
+
+
+def test_dictionary_learning_batch_topk_is_refused(tmp_path):
+    folder = tmp_path / "trainer_0"
+    write_dictionary_learning(folder, raw_weights(), layer=1, k=K)
+    config = json.loads((folder / "config.json").read_text())
+    config["trainer"].update(trainer_class="BatchTopKTrainer", dict_class="BatchTopKSAE")
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        SAELoadError, match=r"config\.json: dict_class='BatchTopKSAE' is not supported"
+    ):
+        TopKSAE.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    "name, layer",
+    [
+        ("layers.16", 16),
+        ("layers.16.mlp", 16),
+        ("model.layers.7.self_attn", 7),
+        ("blocks.9.hook_resid_post", 9),
+        ("transformer.h.3", 3),
+        ("encoder.layer.2.output", 2),
+        ("resid_post_layer_16", 16),
+        ("layer_3", 3),
+        ("embed_tokens", None),
+    ],
+)
+def test_layer_from_hookpoint(name, layer):
+    assert layer_from_hookpoint(name) == layer
+
+
+# --- Bad configs and weights: a clear error naming the file, before anything is allocated ---
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"k": 32.5}, "k must be a positive integer, got 32.5"),
+        ({"k": True}, "k must be a positive integer, got True"),
+        ({"k": "8"}, "k must be a positive integer, got '8'"),
+        ({"k": None}, "k must be a positive integer, got None"),
+        ({"d_in": MISSING}, "d_in must be a positive integer, got None"),
+        ({"k": 200}, "k=200 must be smaller than d_sae=96"),
+        ({"layer": "three"}, "layer must be a non-negative integer"),
+    ],
+)
+def test_bad_config_values_are_named(tmp_path, change, message):
+    TopKSAE(d_in=D_IN, d_sae=D_SAE, k=K).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(change)
+    (tmp_path / "config.json").write_text(
+        json.dumps({k: v for k, v in config.items() if v is not MISSING})
+    )
+    with pytest.raises(SAELoadError, match=rf"config\.json: .*{re.escape(message)}"):
+        TopKSAE.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"[1, 2]", "holds a JSON list"), (b"\x80\x81\xfe\xff" * 8, "Could not read")],
+)
+def test_config_that_is_no_json_object_is_named(tmp_path, content, message):
+    TopKSAE(d_in=D_IN, d_sae=D_SAE, k=K).save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_bytes(content)
+    with pytest.raises(SAELoadError, match=rf"config\.json.*{message}|{message}.*config\.json"):
+        TopKSAE.from_pretrained(tmp_path)
+
+
+def test_huge_d_sae_fails_on_the_header_before_allocating(tmp_path):
+    TopKSAE(d_in=D_IN, d_sae=D_SAE, k=K).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "d_sae": 10**12}))
+    with pytest.raises(
+        SAELoadError, match=r"encoder\.weight has shape \(96, 24\), expected \(1000000000000, 24\)"
+    ):
+        TopKSAE.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, bad):
+    sae = TopKSAE(d_in=D_IN, d_sae=D_SAE, k=K)
+    with torch.no_grad():
+        sae.W_dec[3, 4] = bad
+    sae.save_pretrained(tmp_path)
+    with pytest.raises(SAELoadError, match=r"model\.safetensors: tensor W_dec holds NaN or Inf"):
+        TopKSAE.from_pretrained(tmp_path)

@@ -1,0 +1,173 @@
+"""Write our SAEs in SAELens 6 and sparsify 1.3 layouts, so that those libraries load them as is.
+
+    saelens:  <hook_name>/cfg.json + sae_weights.safetensors   (SAE.load_from_disk)
+    sparsify: layers.{L}/cfg.json + sae.safetensors, and the run's config.json naming the model
+              (SparseCoder.load_from_disk / load_many)
+
+A suite exports as one folder per layer, inside one `k_{k}/` folder per k when it has several.
+The whole output is written beside `out` and renamed into place once complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from hub_sae.sae import TopKSAE
+from hub_sae.suite import SUITE_FILE, layer_folders
+
+FORMATS = ("saelens", "sparsify")
+# SAELens reads a config without metadata.sae_lens_version as pre-6.0 and drops its metadata.
+SAELENS_FORMAT_VERSION = "6.0.0"
+
+
+def saelens_hook_name(sae: TopKSAE) -> str:
+    """The SAE's hook in TransformerLens' naming (blocks.{L}.hook_resid_post)."""
+    if sae.hookpoint == "resid_post" and sae.layer is not None:
+        return f"blocks.{sae.layer}.hook_resid_post"
+    return sae.hookpoint
+
+
+def sparsify_hookpoint(sae: TopKSAE) -> str:
+    """The SAE's hookpoint in sparsify's naming (layers.{L}, the block's output)."""
+    if sae.hookpoint == "resid_post" and sae.layer is not None:
+        return f"layers.{sae.layer}"
+    return sae.hookpoint
+
+
+def _folder_name(sae: TopKSAE, fmt: str) -> str:
+    return saelens_hook_name(sae) if fmt == "saelens" else sparsify_hookpoint(sae)
+
+
+def write_saelens(sae: TopKSAE, folder: Path) -> None:
+    """cfg.json + sae_weights.safetensors as SAELens 6's TopKSAE.save_model writes them."""
+    folder.mkdir(parents=True)
+    save_file(
+        {
+            "W_enc": sae.encoder.weight.detach().T.float().contiguous(),
+            "b_enc": sae.encoder.bias.detach().float().contiguous(),
+            "W_dec": sae.W_dec.detach().float().contiguous(),
+            "b_dec": sae.b_dec.detach().float().contiguous(),
+        },
+        folder / "sae_weights.safetensors",
+    )
+    cfg = {
+        "architecture": "topk",
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "k": sae.k,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "rescale_acts_by_decoder_norm": False,
+        "metadata": {
+            "sae_lens_version": SAELENS_FORMAT_VERSION,
+            "sae_lens_training_version": None,
+            "model_name": sae.base_model,
+            "hook_name": saelens_hook_name(sae),
+            "policy": sae.policy,
+        },
+    }
+    (folder / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def write_sparsify(sae: TopKSAE, folder: Path) -> None:
+    """cfg.json + sae.safetensors as sparsify 1.3's SparseCoder.save_to_disk writes them."""
+    folder.mkdir(parents=True)
+    save_file(
+        {name: t.detach().float().contiguous() for name, t in sae.state_dict().items()},
+        folder / "sae.safetensors",
+    )
+    cfg = {
+        "activation": "topk",
+        "expansion_factor": max(sae.d_sae // sae.d_in, 1),
+        "normalize_decoder": True,
+        "num_latents": sae.d_sae,
+        "k": sae.k,
+        "multi_topk": False,
+        "skip_connection": False,
+        "transcode": False,
+        "d_in": sae.d_in,
+    }
+    (folder / "cfg.json").write_text(json.dumps(cfg) + "\n")
+
+
+def _write_sparsify_run(saes: list[TopKSAE], run: Path) -> None:
+    """The run's config.json (sparsify's TrainConfig fields that say what was trained)."""
+    hookpoints = [sparsify_hookpoint(sae) for sae in saes]
+    config = {"model": saes[0].base_model, "hookpoints": hookpoints, "sae": {"k": saes[0].k}}
+    (run / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+WRITERS: dict[str, Callable[[TopKSAE, Path], None]] = {
+    "saelens": write_saelens,
+    "sparsify": write_sparsify,
+}
+
+
+def _write_atomically(out: Path, fill: Callable[[Path], None]) -> None:
+    """Run `fill` on an empty temp folder beside `out`, then rename it to `out`."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load(source: str | Path, layer: int | None, k: int | None) -> dict[tuple[int, int], TopKSAE]:
+    """{(layer, k): SAE}: every SAE of a local suite, else the one SAE that `source` names."""
+    path = Path(source).expanduser()
+    if (path / SUITE_FILE).is_file() and layer is None and k is None:
+        saes = {key: TopKSAE.from_pretrained(folder) for key, folder in layer_folders(path).items()}
+    else:
+        sae = TopKSAE.from_pretrained(source, layer=layer, k=k)
+        saes = {(sae.layer, sae.k): sae}
+    return dict(sorted(saes.items(), key=lambda item: (item[0][1], item[0][0] or 0)))
+
+
+def export(
+    source: str | Path,
+    fmt: str,
+    out: str | Path,
+    layer: int | None = None,
+    k: int | None = None,
+) -> list[Path]:
+    """Write the SAE(s) of `source` (a suite, an SAE folder or a hub repo) to `out` in `fmt`.
+
+    A suite exports whole unless `layer` or `k` picks one SAE. Returns the SAE folders written.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}.")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists and is not empty; remove it or pick another.")
+    saes = _load(source, layer, k)
+    several_k = len({sae_k for _, sae_k in saes}) > 1
+    written: list[Path] = []
+
+    def fill(tmp: Path) -> None:
+        runs: dict[Path, list[TopKSAE]] = {}
+        for (_, sae_k), sae in saes.items():
+            run = tmp / f"k_{sae_k}" if several_k else tmp
+            runs.setdefault(run, []).append(sae)
+            WRITERS[fmt](sae, run / _folder_name(sae, fmt))
+            written.append(out / (run / _folder_name(sae, fmt)).relative_to(tmp))
+        if fmt == "sparsify":
+            for run, group in runs.items():
+                _write_sparsify_run(group, run)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir():
+        out.rmdir()  # empty (checked above): the rename replaces it
+    _write_atomically(out, fill)
+    return written

@@ -1,0 +1,94 @@
+"""Export to SAELens and sparsify: the libraries load our folders with the same reconstruction."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from hub_sae import TopKSAE
+from hub_sae.cli import main
+from hub_sae.export import export
+from hub_sae.suite import save_suite
+from tests.test_formats import (
+    D_IN,
+    D_SAE,
+    assert_same_reconstruction,
+    randomize,
+    saelens_reference,
+    sparsify_reference,
+)
+
+LAYERS, KS = (1, 3), (4, 6)
+
+
+def random_suite(root: Path, ks=KS) -> dict[tuple[int, int], TopKSAE]:
+    """A suite of SAEs with random weights in every tensor (b_dec and biases included)."""
+    saes = {}
+    for i, (layer, k) in enumerate((layer, k) for layer in LAYERS for k in ks):
+        saes[layer, k] = TopKSAE(
+            D_IN, D_SAE, k, layer=layer, base_model="some/model", policy="unmask"
+        )
+        randomize(saes[layer, k], seed=i)
+    save_suite(root, saes, {key: {} for key in saes}, {"base_model": "some/model"})
+    return saes
+
+
+def test_suite_exports_one_folder_per_layer_and_k_that_hub_sae_reads_back(tmp_path):
+    saes = random_suite(tmp_path / "suite")
+    saelens = export(tmp_path / "suite", "saelens", tmp_path / "saelens")
+    sparsify = export(tmp_path / "suite", "sparsify", tmp_path / "sparsify")
+    assert sorted(p.relative_to(tmp_path / "saelens").as_posix() for p in saelens) == [
+        f"k_{k}/blocks.{layer}.hook_resid_post" for k in KS for layer in LAYERS
+    ]
+    assert sorted(p.relative_to(tmp_path / "sparsify").as_posix() for p in sparsify) == [
+        f"k_{k}/layers.{layer}" for k in KS for layer in LAYERS
+    ]
+    run = json.loads((tmp_path / "sparsify" / "k_4" / "config.json").read_text())
+    assert run["model"] == "some/model" and run["hookpoints"] == ["layers.1", "layers.3"]
+    x = torch.randn(32, D_IN)
+    for folder in [*saelens, *sparsify]:
+        back = TopKSAE.from_pretrained(folder)
+        original = saes[back.layer, back.k]
+        assert (back.base_model, back.hookpoint) == ("some/model", "resid_post")
+        torch.testing.assert_close(back(x).reconstruction, original(x).reconstruction)
+    assert TopKSAE.from_pretrained(saelens[0]).policy == "unmask"
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_saelens_loads_the_export_with_the_same_reconstruction(tmp_path):
+    sae_lens = pytest.importorskip("sae_lens")
+    saes = random_suite(tmp_path / "suite", ks=(5,))
+    for folder in export(tmp_path / "suite", "saelens", tmp_path / "out"):
+        theirs = sae_lens.SAE.load_from_disk(folder)
+        layer = int(folder.name.split(".")[1])
+        assert (theirs.cfg.metadata.model_name, theirs.cfg.metadata.hook_name) == (
+            "some/model",
+            f"blocks.{layer}.hook_resid_post",
+        )
+        x = torch.randn(64, D_IN) * 2
+        assert_same_reconstruction(saes[layer, 5], saelens_reference(theirs), x)
+
+
+def test_sparsify_loads_the_export_with_the_same_reconstruction(tmp_path):
+    pytest.importorskip("sparsify")
+    from sparsify import SparseCoder
+
+    saes = random_suite(tmp_path / "suite", ks=(5,))
+    export(tmp_path / "suite", "sparsify", tmp_path / "out")
+    coders = SparseCoder.load_many(str(tmp_path / "out"), local=True)
+    assert sorted(coders) == ["layers.1", "layers.3"]
+    for layer in LAYERS:
+        x = torch.randn(64, D_IN)
+        assert_same_reconstruction(saes[layer, 5], sparsify_reference(coders[f"layers.{layer}"]), x)
+
+
+def test_export_command_picks_one_sae_and_refuses_a_full_folder(tmp_path, capsys):
+    random_suite(tmp_path / "suite")
+    args = ["export", str(tmp_path / "suite"), "--format", "sparsify", "--out"]
+    assert main([*args, str(tmp_path / "one"), "--layer", "3", "--k", "6"]) == 0
+    assert "wrote 1 sparsify folder" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["config.json", "layers.3"]
+    assert TopKSAE.from_pretrained(tmp_path / "one").k == 6
+    assert main([*args, str(tmp_path / "one")]) == 1
+    assert "already exists and is not empty" in capsys.readouterr().err
