@@ -56,7 +56,8 @@ def test_eval_rewrites_metrics_with_the_same_keys(suite, capsys):
 
     summary = json.loads((suite / SUMMARY_FILE).read_text())
     assert summary["eval"]["split"] == "heldout" and summary["eval"]["policy"] == "mask"
-    assert summary["eval"]["corruption"] == {"schedule": "dlm_scope", "t_min": 0.05, "t_max": 0.5}
+    corruption = {"schedule": "dlm_scope", "t_min": 0.05, "t_max": 0.5, "eps": 0.001}
+    assert summary["eval"]["corruption"] == corruption
     rows = {(r["layer"], r["k"]): r for r in summary["results"]}
     for key, folder in folders.items():
         after = json.loads((folder / "metrics.json").read_text())

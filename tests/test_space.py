@@ -20,7 +20,7 @@ from explorer import LLADA_SUITE, Explorer, default_suite  # noqa: E402
 from hub_sae.activations import capture  # noqa: E402
 from hub_sae.models.llada import save_llada_model  # noqa: E402
 from hub_sae.sae import TopKSAE  # noqa: E402
-from hub_sae.suite import save_suite  # noqa: E402
+from hub_sae.suite import SuiteInfo, save_suite  # noqa: E402
 from tests.test_formats import populate_hub_cache, raw_weights, write_dictionary_learning  # noqa: E402
 from tests.test_llada import tiny_model  # noqa: E402
 
@@ -171,7 +171,7 @@ def llada(tmp_path_factory) -> Explorer:
     save_llada_tokenizer(root / "model")
     torch.manual_seed(0)
     saes = {(layer, 8): TopKSAE(64, 128, 8, layer=layer) for layer in (1, 2)}
-    info = {"base_model": str(root / "model"), "policy": "mask"}
+    info = SuiteInfo(str(root / "model"), "mask", layers=[1, 2], ks=[8], d_in=64, d_sae=128)
     save_suite(root / "suite", saes, {}, info)
     return Explorer.load(str(root / "suite"), device="cpu")
 
