@@ -23,7 +23,7 @@ from huggingface_hub import save_torch_state_dict
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from hub_sae.io import HubOptions, local_path
+from hub_sae.io import HubOptions, local_path, write_json
 from hub_sae.models import BaseModel
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -276,7 +276,7 @@ def save_llada_model(
     """Write config.json and the weights as safetensors shards (+ index when there are several)."""
     save_directory = Path(save_directory)
     save_directory.mkdir(parents=True, exist_ok=True)
-    (save_directory / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+    write_json(save_directory / "config.json", model.config.to_dict())
     save_torch_state_dict(model.state_dict(), save_directory, max_shard_size=max_shard_size)
 
 
