@@ -97,7 +97,7 @@ def _metadata_root(
         local = local_path(repo_id_or_path)
     except FileNotFoundError as e:
         raise SAELoadError(f"No such folder: {e}") from None
-    snapshot = None if local else hub.snapshot(str(repo_id_or_path), METADATA_PATTERNS)
+    snapshot = hub.snapshot(str(repo_id_or_path), METADATA_PATTERNS) if local is None else None
     root = local or snapshot
     if not root.is_dir():
         raise SAELoadError(f"No such folder: {root}. Pass an existing folder or a hub repo id.")

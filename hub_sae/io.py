@@ -101,15 +101,22 @@ def local_path(source: str | Path) -> Path | None:
     path = Path(text).expanduser()
     if path.exists():
         return path
-    looks_local = (
+    first = text.split("/")[0]
+    shadowed = "/" in text and Path(first).expanduser().is_dir()
+    if (
         text.startswith(("./", "../", "/", "~"))
         or path.suffix.lower() in FILE_SUFFIXES
         or text.count("/") > 1
-        or ("/" in text and Path(text.split("/")[0]).is_dir())
-    )
-    if looks_local:
+        or shadowed
+    ):
+        hint = (
+            f" ({first}/ is a local folder, so this reads as a path; to load the hub repo {text}, "
+            "run from another folder)"
+            if shadowed and is_repo_id(text)
+            else ""
+        )
         raise FileNotFoundError(
-            f"{text} does not exist; give the path of an existing file or folder."
+            f"{text} does not exist; give the path of an existing file or folder{hint}."
         )
     if is_repo_id(text):
         return None
