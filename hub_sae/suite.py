@@ -130,12 +130,15 @@ class SuiteInfo:
 
     @classmethod
     def from_dict(cls, data: object, source: str | Path = SUITE_FILE) -> SuiteInfo:
-        """Parse suite.json's content; any problem is a SuiteError naming `source`."""
+        """Parse suite.json's content (unknown keys are ignored); a problem is a SuiteError naming
+        `source`."""
         known = {f.name for f in fields(cls)}
         try:
             if not isinstance(data, dict):
                 raise ValueError(f"expected a JSON object, got {type(data).__name__}")
-            required = [f.name for f in fields(cls) if f.default is f.default_factory is MISSING]
+            required = [
+                f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+            ]
             missing = [name for name in required if name not in data]
             if missing:
                 raise ValueError(f"missing {', '.join(f'`{m}`' for m in missing)}")
