@@ -19,7 +19,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hub_sae.data import DEFAULT_CORPUS
-from hub_sae.io import is_repo_id, write_atomic
+from hub_sae.io import inside, is_repo_id, write_atomic
 from hub_sae.suite import SUITE_FILE, layer_folders, read_suite, sae_folder
 
 _TEMPLATES = (
@@ -387,7 +387,7 @@ def suite_spec(root: str | Path, repo_id: str | None = None, license: str = LICE
     training = info.training
     if not training:
         raise ValueError(f"{root / SUITE_FILE} has no `training` block; re-train with hub-sae.")
-    summary = root / SUMMARY_FILE
+    summary = inside(root, SUMMARY_FILE)
     evaluated = json.loads(summary.read_text()).get("eval", {}) if summary.is_file() else {}
     return CardSpec(
         repo_id=repo_id or root.resolve().name,
