@@ -61,7 +61,7 @@ def minilm_suite() -> Path:
     """The newest MiniLM suite under runs/, or a small one trained now."""
     suites = sorted(RUNS.glob("*/suite.json"), key=lambda p: p.stat().st_mtime, reverse=True)
     for path in suites:
-        if read_suite(path.parent).get("base_model") == "minilm":
+        if read_suite(path.parent).base_model == "minilm":
             return path.parent
     from training.trainer import TrainConfig, train
 

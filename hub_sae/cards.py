@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -19,7 +18,8 @@ from typing import NamedTuple
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from hub_sae.data import DEFAULT_CORPUS, is_local_corpus
+from hub_sae.data import DEFAULT_CORPUS
+from hub_sae.io import inside, is_repo_id, write_atomic
 from hub_sae.suite import SUITE_FILE, layer_folders, read_suite, sae_folder
 
 _TEMPLATES = (
@@ -135,7 +135,7 @@ def _is_number(value: object) -> bool:
 def _hub_id(name: str) -> str | None:
     """The hub id of a base model or corpus name, or None for local paths and embedded names."""
     name = HUB_IDS.get(name, name)
-    return None if name == DEFAULT_CORPUS or is_local_corpus(name) or "/" not in name else name
+    return name if is_repo_id(name) and not Path(name).expanduser().exists() else None
 
 
 def display_name(base_model: str) -> str:
@@ -364,13 +364,6 @@ def metric_tokens(spec: CardSpec) -> str:
     return ", ".join(f"{t:,}" for t in sorted(tokens)) or "unknown"
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` through a temp file + rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_card(spec: CardSpec, out_dir: str | Path, template: str | Path = TEMPLATE) -> Path:
     """Write README.md and the FVU plot into `out_dir`; returns the card's path."""
     out_dir = Path(out_dir)
@@ -384,32 +377,32 @@ def write_card(spec: CardSpec, out_dir: str | Path, template: str | Path = TEMPL
 def suite_spec(root: str | Path, repo_id: str | None = None, license: str = LICENSE) -> CardSpec:
     """The card spec of a trained suite; `repo_id` defaults to the folder name."""
     root = Path(root)
-    suite = read_suite(root)
+    info = read_suite(root)
     metrics = {}
-    for key, folder in layer_folders(root).items():
+    for key, folder in layer_folders(root, info).items():
         path = folder / "metrics.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: run `hub-sae eval {root}` first.")
         metrics[key] = json.loads(path.read_text())
-    training = suite.get("training")
+    training = info.training
     if not training:
         raise ValueError(f"{root / SUITE_FILE} has no `training` block; re-train with hub-sae.")
-    summary = root / SUMMARY_FILE
+    summary = inside(root, SUMMARY_FILE)
     evaluated = json.loads(summary.read_text()).get("eval", {}) if summary.is_file() else {}
     return CardSpec(
         repo_id=repo_id or root.resolve().name,
-        base_model=suite["base_model"],
-        policy=suite["policy"],
-        layers=suite["layers"],
-        ks=suite["ks"],
-        d_sae=suite["d_sae"],
-        d_in=suite.get("d_in"),
+        base_model=info.base_model,
+        policy=info.policy,
+        layers=info.layers,
+        ks=info.ks,
+        d_sae=info.d_sae,
+        d_in=info.d_in,
         training=training,
         metrics=metrics,
-        eval_corpus=evaluated.get("corpus", training["corpus"]),
-        eval_split=evaluated.get("split", "heldout"),
-        hookpoint=suite.get("hookpoint", "resid_post"),
-        default_layer=suite.get("default_layer"),
+        eval_corpus=evaluated.get("corpus", info.heldout().corpus),
+        eval_split=evaluated.get("split", info.heldout().split),
+        hookpoint=info.hookpoint,
+        default_layer=info.default_layer,
         license=license,
     )
 

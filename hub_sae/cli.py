@@ -14,39 +14,60 @@ SUITE is a suite folder, or (eval, card) a hub repo id downloaded with snapshot_
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
-
-REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def resolve_suite(suite: str, local_dir: str | None = None, revision: str | None = None) -> Path:
     """A local suite folder, downloading hub repo `suite` into `local_dir` (default ./NAME) first."""
-    path = Path(suite).expanduser()
-    if path.is_dir():
-        return path
-    if not REPO_ID.fullmatch(suite):
-        raise FileNotFoundError(
-            f"{suite} is neither a suite folder nor a hub repo id (owner/name)."
-        )
-    from huggingface_hub import snapshot_download
+    from hub_sae.io import HubOptions, local_path
 
-    target = Path(local_dir or suite.split("/")[-1])
-    return Path(snapshot_download(suite, revision=revision, local_dir=target))
+    path = local_path(suite)
+    if path is not None:
+        return path
+    return HubOptions(revision=revision).snapshot(
+        suite, local_dir=local_dir or suite.split("/")[-1]
+    )
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive; give a number >= 1")
+    return value
+
+
+def torch_device(name: str) -> str:
+    """`name` ("auto": cuda if available, else cpu), refused when this machine cannot run it."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(
+                f"--device {name}: this machine has {count} CUDA device(s) "
+                f"(torch {torch.__version__}); use --device cpu"
+                + (f" or cuda:0..{count - 1}" if count else "")
+            )
+    return name
 
 
 def _eval(args: argparse.Namespace) -> int:
     from hub_sae.cards import SUMMARY_FILE, metric_table
-
-    root = resolve_suite(args.suite, args.local_dir, args.revision)
-    device = args.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     from hub_sae.evaluate import evaluate_saved_suite
 
+    device = torch_device(args.device)
+    root = resolve_suite(args.suite, args.local_dir, args.revision)
     metrics = evaluate_saved_suite(
         root, args.max_tokens, device, args.dtype, args.corpus, args.split, args.seed
     )
@@ -120,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("eval", help="re-measure a suite's metrics on held-out text")
     ev.add_argument("suite", help="suite folder or hub repo id")
     ev.add_argument(
-        "--max-tokens", type=int, help="activations per SAE (default: the run's eval_tokens)"
+        "--max-tokens",
+        type=positive_int,
+        help="activations per SAE (default: the run's eval_tokens)",
     )
     ev.add_argument(
         "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)"

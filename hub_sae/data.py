@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from hub_sae.io import local_path
+
 DEFAULT_CORPUS = "pydoc"
 LOCAL_SPLITS = ("train", "heldout")
 HELDOUT_EVERY = 10
@@ -51,14 +53,30 @@ class DataConfig:
 
 
 def is_local_corpus(corpus: str) -> bool:
-    """Whether `corpus` names a local file or folder rather than an HF dataset."""
-    path = Path(corpus).expanduser()
-    return path.exists() or path.suffix in SUFFIXES or corpus.startswith(("/", ".", "~"))
+    """Whether `corpus` is a local file or folder (True) or an HF dataset `owner/name[:config]`.
+
+    The rule is `hub_sae.io.local_path`: a missing path, or a bare name, is an error.
+    """
+    if corpus == DEFAULT_CORPUS or Path(corpus).expanduser().exists():
+        return True
+    try:
+        return local_path(corpus.partition(":")[0]) is not None
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"corpus {corpus!r} does not exist; give a .txt/.jsonl file or a folder of them, "
+            f"{DEFAULT_CORPUS!r} or an HF dataset id (owner/name, or owner/name:config)."
+        ) from None
 
 
 def _read_file(path: Path, text_field: str) -> list[str]:
     """The documents of one file: blank-line-separated paragraphs of a .txt, lines of a .jsonl."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); convert it to UTF-8 or move "
+            "it out of the corpus."
+        ) from None
     if path.suffix == ".txt":
         return [doc.strip() for doc in text.split("\n\n") if doc.strip()]
     docs = []
@@ -82,11 +100,6 @@ def _read_file(path: Path, text_field: str) -> list[str]:
 def _local_documents(corpus: str, text_field: str) -> list[str]:
     """All documents of a local file or folder (its .txt/.jsonl files in sorted path order)."""
     path = Path(corpus).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"corpus {corpus!r} does not exist; give a .txt/.jsonl file or a folder of them, "
-            f"{DEFAULT_CORPUS!r} or an HF dataset name."
-        )
     if path.is_dir():
         files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in SUFFIXES)
         if not files:
@@ -146,7 +159,7 @@ def iter_texts(cfg: DataConfig) -> Iterator[str]:
     pydoc and local corpora are read in full here, so a missing file or an empty split fails at
     once; an HF dataset is streamed.
     """
-    if cfg.corpus != DEFAULT_CORPUS and not is_local_corpus(cfg.corpus):
+    if not is_local_corpus(cfg.corpus):
         return _hf_texts(cfg)
     if cfg.split not in LOCAL_SPLITS:
         raise ValueError(

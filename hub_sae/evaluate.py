@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -180,6 +181,19 @@ def evaluate_suite(
     return metrics
 
 
+def _previous_metrics(path: Path) -> dict:
+    """A layer's metrics.json before re-evaluation ({} when absent); a clear error when unreadable."""
+    if not path.is_file():
+        return {}
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); delete it and evaluate again.") from None
+    if not isinstance(previous, dict):
+        raise ValueError(f"{path} holds no JSON object; delete it and evaluate again.")
+    return previous
+
+
 def evaluate_saved_suite(
     root: Path,
     max_tokens: int | None = None,
@@ -192,37 +206,33 @@ def evaluate_saved_suite(
     """Re-measure every SAE of a suite on held-out text under its policy and corruption.
 
     Writes each layer's metrics.json (keys not measured here, e.g. `train_dead_share`, are kept)
-    and the summary metrics.json at the root; returns the metrics per (layer, k).
+    and the summary metrics.json at the root, only once every SAE is evaluated; returns the metrics
+    per (layer, k). Nothing is read or written outside `root`.
     """
     from hub_sae.cards import METRICS, SUMMARY_FILE
-    from hub_sae.suite import SUITE_FILE, layer_folders, read_suite, write_json
+    from hub_sae.io import write_json
+    from hub_sae.suite import DTYPES, layer_folders, read_suite
 
-    suite = read_suite(root)
-    run = suite.get("training", {})
-    if "corruption" not in suite:
-        raise ValueError(f"{root / SUITE_FILE} has no `corruption` block; re-train with hub-sae.")
-    data = DataConfig(
-        corpus=corpus or run.get("eval_corpus") or run.get("corpus", "pydoc"),
-        split=split or run.get("eval_split", "heldout"),
-        text_field=run.get("text_field", "text"),
-        ctx_len=run.get("ctx_len", 128),
-        batch_size=run.get("llm_batch_size", 8),
-        seed=seed,
-    )
-    dtype = dtype or run.get("dtype", "float32")
-    max_tokens = max_tokens or run.get("eval_tokens", 16_384)
-    base = load_base_model(suite["base_model"], dtype=getattr(torch, dtype), device=device)
-    folders = layer_folders(root)
+    info = read_suite(root)
+    max_tokens = info.eval_tokens if max_tokens is None else max_tokens
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(
+            f"max_tokens (--max-tokens) must be a positive integer, not {max_tokens!r}."
+        )
+    dtype = dtype or info.dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype (--dtype) must be one of {', '.join(DTYPES)}, not {dtype!r}.")
+    data = info.heldout(corpus, split, seed)
+    folders = layer_folders(root, info)
+    previous = {key: _previous_metrics(folder / "metrics.json") for key, folder in folders.items()}
+    base = load_base_model(info.base_model, dtype=getattr(torch, dtype), device=device)
     saes = {
         key: TopKSAE.from_pretrained(folder, device=device).eval()
         for key, folder in folders.items()
     }
-    corruption = Corruption(**suite["corruption"])
-    metrics = evaluate_suite(base, saes, suite["policy"], corruption, data, max_tokens, seed=seed)
+    metrics = evaluate_suite(base, saes, info.policy, info.corruption, data, max_tokens, seed=seed)
     for key, values in metrics.items():
-        path = folders[key] / "metrics.json"
-        previous = json.loads(path.read_text()) if path.is_file() else {}
-        write_json(path, {**previous, **values})
+        write_json(folders[key] / "metrics.json", {**previous[key], **values})
     settings = {
         "corpus": data.corpus,
         "split": data.split,
@@ -230,8 +240,8 @@ def evaluate_saved_suite(
         "batch_size": data.batch_size,
         "max_tokens": max_tokens,
         "seed": seed,
-        "policy": suite["policy"],
-        "corruption": suite["corruption"],
+        "policy": info.policy,
+        "corruption": asdict(info.corruption),
         "dtype": dtype,
         "device": str(device),
     }

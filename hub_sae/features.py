@@ -13,18 +13,18 @@ The metadata holds `tokens` (how many positions were scanned), `window`, `policy
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
 from hub_sae.activations import harvest_text
 from hub_sae.data import DataConfig
+from hub_sae.io import write_atomic
 from hub_sae.masking import Corruption
 from hub_sae.models import BaseModel
 from hub_sae.sae import TopKSAE
@@ -125,7 +125,7 @@ def collect_features(
 def save_features(
     path: str | Path, stats: FeatureStats, metadata: dict[str, str] | None = None
 ) -> None:
-    """Write `stats` to `path` through a temp file + rename."""
+    """Write `stats` to `path` atomically."""
     path = Path(path)
     tensors = {
         "frequency": stats.frequency.float().contiguous(),
@@ -134,9 +134,7 @@ def save_features(
         "top_contexts": stats.top_contexts.long().contiguous(),
     }
     meta = {**(metadata or {}), "tokens": str(stats.tokens), "window": str(stats.window)}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    write_atomic(path, save(tensors, metadata=meta))
 
 
 def load_features(path: str | Path) -> FeatureStats:

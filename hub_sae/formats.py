@@ -28,11 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from huggingface_hub import hf_hub_download, snapshot_download
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from hub_sae.io import HubOptions, inside, local_path
 from hub_sae.sae import TopKSAE
+from hub_sae.suite import SUITE_FILE, read_suite
 
 WEIGHTS = {
     "hub_sae": "model.safetensors",
@@ -169,44 +170,36 @@ def scan(root: Path) -> list[SAEFolder]:
     return [found for path in files if (found := _classify(path)) is not None]
 
 
-def _is_local(repo_id_or_path: str | Path) -> bool:
-    text = str(repo_id_or_path)
-    return Path(text).exists() or text.startswith((".", "/", "~")) or text.count("/") > 1
-
-
 def _metadata_root(
-    repo_id_or_path: str | Path, subfolder: str | None, **hub
+    repo_id_or_path: str | Path, subfolder: str | None, hub: HubOptions | None
 ) -> tuple[Path, Path | None]:
     """(folder holding the JSON metadata, the hub snapshot it lies in or None when local)."""
-    if _is_local(repo_id_or_path):
-        root = Path(repo_id_or_path).expanduser()
-        if not root.is_dir():
-            raise SAELoadError(f"No such folder: {root}. Pass an existing folder or a hub repo id.")
-        snapshot = None
-    else:
-        root = snapshot = Path(
-            snapshot_download(str(repo_id_or_path), allow_patterns=METADATA_PATTERNS, **hub)
-        )
+    hub = hub or HubOptions()
+    try:
+        local = local_path(repo_id_or_path)
+    except FileNotFoundError as e:
+        raise SAELoadError(f"No such folder: {e}") from None
+    snapshot = hub.snapshot(str(repo_id_or_path), METADATA_PATTERNS) if local is None else None
+    root = local or snapshot
+    if not root.is_dir():
+        raise SAELoadError(f"No such folder: {root}. Pass an existing folder or a hub repo id.")
     if subfolder:
-        root = root / subfolder
+        root = inside(root, subfolder)
         if not root.is_dir():
             raise SAELoadError(f"{repo_id_or_path} has no subfolder {subfolder!r}.")
     return root, snapshot
 
 
-def _hub_kwargs(revision, cache_dir, token, local_files_only) -> dict:
-    return dict(
-        revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
-    )
-
-
-def _default_layer(root: Path) -> int | None:
-    suite = root / "suite.json"
-    return _read_json(suite).get("default_layer") if suite.is_file() else None
+def _suite_defaults(root: Path) -> tuple[int | None, int | None]:
+    """(default_layer, default_k) of a suite folder, (None, None) for other layouts."""
+    if not (root / SUITE_FILE).is_file():
+        return None, None
+    info = read_suite(root)
+    return info.default_layer, info.default_k
 
 
 def select(found: list[SAEFolder], root: Path, layer: int | None, k: int | None) -> SAEFolder:
-    """Pick the SAE of `layer` (default: the suite's default) with `k` (default: the smallest)."""
+    """Pick the SAE of `layer` and `k` (defaults: the suite's, else the only layer, smallest k)."""
     if not found:
         raise SAELoadError(
             f"No SAE found in {root}: expected suite.json + layer_{{L}}/config.json, config.json + "
@@ -214,8 +207,9 @@ def select(found: list[SAEFolder], root: Path, layer: int | None, k: int | None)
             "sae.safetensors / sae_weights.safetensors."
         )
     layers = sorted({f.layer for f in found if f.layer is not None})
+    default_layer, default_k = _suite_defaults(root)
     if layer is None:
-        layer = _default_layer(root)
+        layer = default_layer
     if layer is None and len({f.layer for f in found}) > 1:
         raise SAELoadError(f"{root} holds SAEs for layers {layers}; pass layer=... to pick one.")
     if layer is not None:
@@ -223,6 +217,8 @@ def select(found: list[SAEFolder], root: Path, layer: int | None, k: int | None)
         if not found:
             raise SAELoadError(f"No SAE for layer {layer} in {root}; available layers: {layers}.")
     ks = sorted({f.k for f in found if f.k is not None})
+    if k is None and default_k in ks:
+        k = default_k
     if k is not None:
         found = [f for f in found if f.k == k]
         if not found:
@@ -240,19 +236,14 @@ def select(found: list[SAEFolder], root: Path, layer: int | None, k: int | None)
 def available_layers(
     repo_id_or_path: str | Path,
     *,
-    revision: str | None = None,
     subfolder: str | None = None,
-    cache_dir: str | Path | None = None,
-    token: str | bool | None = None,
-    local_files_only: bool = False,
     k: int | None = None,
+    hub: HubOptions | None = None,
 ) -> list[int]:
     """The layers with an SAE in a suite, release or folder."""
-    hub = _hub_kwargs(revision, cache_dir, token, local_files_only)
-    root, _ = _metadata_root(repo_id_or_path, subfolder, **hub)
-    suite = root / "suite.json"
-    if suite.is_file():
-        return sorted(_read_json(suite)["layers"])
+    root, _ = _metadata_root(repo_id_or_path, subfolder, hub)
+    if (root / SUITE_FILE).is_file():
+        return read_suite(root).layers
     return sorted({f.layer for f in scan(root) if f.layer is not None and (k is None or f.k == k)})
 
 
@@ -261,20 +252,16 @@ def load_sae(
     layer: int | None = None,
     k: int | None = None,
     *,
-    revision: str | None = None,
     subfolder: str | None = None,
-    cache_dir: str | Path | None = None,
-    token: str | bool | None = None,
-    local_files_only: bool = False,
+    hub: HubOptions | None = None,
 ) -> TopKSAE:
     """Find the SAE of `layer` / `k` in a folder or hub repo (any layout) and read it."""
-    hub = _hub_kwargs(revision, cache_dir, token, local_files_only)
-    root, snapshot = _metadata_root(repo_id_or_path, subfolder, **hub)
+    root, snapshot = _metadata_root(repo_id_or_path, subfolder, hub)
     chosen = select(scan(root), root, layer, k)
     weights = chosen.folder / WEIGHTS[chosen.kind]
     if snapshot is not None:
         rel = weights.relative_to(snapshot).as_posix()
-        weights = Path(hf_hub_download(str(repo_id_or_path), filename=rel, **hub))
+        weights = (hub or HubOptions()).file(str(repo_id_or_path), rel)
     if not weights.is_file():
         raise SAELoadError(f"Missing weights file {weights} (expected beside {chosen.folder}/).")
     return READERS[chosen.kind](chosen, weights)

@@ -12,6 +12,7 @@ backward pass. AuxK works the same way, except over at most 2 d_in dead latents,
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -398,26 +399,26 @@ class TopKSAE(
         trained with different k (default: the smallest). Remote repos download only the chosen folder.
         """
         from hub_sae.formats import load_sae
+        from hub_sae.io import HubOptions
 
-        return load_sae(
-            repo_id_or_path,
-            layer=layer,
-            k=k,
-            revision=revision,
-            subfolder=subfolder,
-            cache_dir=cache_dir,
-            token=token,
-            local_files_only=local_files_only,
-        ).to(device)
+        hub = HubOptions(revision, cache_dir, token, local_files_only)
+        return load_sae(repo_id_or_path, layer, k, subfolder=subfolder, hub=hub).to(device)
 
     @classmethod
-    def load_suite(cls, repo_id_or_path: str | Path, **kwargs) -> dict[int, TopKSAE]:
-        """All layers of a suite (or of a DLM-Scope release) as {layer: TopKSAE}."""
-        from hub_sae.formats import available_layers
+    def load_suite(
+        cls, repo_id_or_path: str | Path, k: int | None = None, **kwargs
+    ) -> dict[int, TopKSAE]:
+        """All layers of a suite (or of a DLM-Scope release) as {layer: TopKSAE}.
 
-        layers = available_layers(
-            repo_id_or_path, **{k: v for k, v in kwargs.items() if k != "device"}
-        )
+        `k` picks the SAEs of one k (default: the suite's default k, else the smallest); `kwargs`
+        are those of `from_pretrained`.
+        """
+        from hub_sae.formats import available_layers
+        from hub_sae.io import HubOptions
+
+        hub = HubOptions(**{f.name: kwargs[f.name] for f in fields(HubOptions) if f.name in kwargs})
+        layers = available_layers(repo_id_or_path, subfolder=kwargs.get("subfolder"), k=k, hub=hub)
         return {
-            layer: cls.from_pretrained(repo_id_or_path, layer=layer, **kwargs) for layer in layers
+            layer: cls.from_pretrained(repo_id_or_path, layer=layer, k=k, **kwargs)
+            for layer in layers
         }

@@ -1,6 +1,7 @@
-"""The published suite layout: suite.json + one folder per (layer, k), written atomically.
+"""The published suite layout and its schema `SuiteInfo`: written once by the trainer, read by all.
 
-suite.json                      {base_model, policy, hookpoint, layers, ks, default_layer, ...}
+suite.json                      SuiteInfo: {version, base_model, policy, hookpoint, d_in, d_sae, layers,
+                                ks, default_layer, default_k, corruption, training}
 layer_{L}/config.json           TopKSAE kwargs            (one k per layer)
 layer_{L}/model.safetensors
 layer_{L}/metrics.json
@@ -13,13 +14,177 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
+from hub_sae.data import DataConfig
 from hub_sae.features import FEATURES_FILE, FeatureStats, save_features
+from hub_sae.io import inside, write_json
+from hub_sae.masking import POLICIES, Corruption
 from hub_sae.sae import TopKSAE
 
 SUITE_FILE = "suite.json"
+SUITE_VERSION = 1
+"""Bumped when suite.json changes incompatibly; readers refuse newer versions."""
 LAYER_FILES = ("config.json", "model.safetensors", "metrics.json")
+EVAL_TOKENS = 16_384
+"""Held-out activations per SAE when the run recorded none."""
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class SuiteError(ValueError):
+    """A suite.json that cannot be read; the message names the file and the fix."""
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_list(name: str, value: object, minimum: int) -> list[int]:
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"`{name}` must be a non-empty list of integers, not {value!r}")
+    bad = [v for v in value if not _is_int(v) or v < minimum]
+    if bad:
+        raise ValueError(f"`{name}` holds {bad!r}; every entry must be an integer >= {minimum}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"`{name}` lists an entry twice: {value}")
+    return sorted(value)
+
+
+def _check_training(run: dict) -> None:
+    """The run settings `hub-sae eval` reuses, when present, have usable types and values."""
+    kinds = {
+        "corpus": str,
+        "eval_corpus": (str, type(None)),
+        "eval_split": str,
+        "text_field": str,
+    }
+    for key, kind in kinds.items():
+        if key in run and not isinstance(run[key], kind):
+            raise ValueError(f"`training.{key}` must be text, not {run[key]!r}")
+    for key, minimum in (("ctx_len", 2), ("llm_batch_size", 1), ("eval_tokens", 1)):
+        if key in run and not (_is_int(run[key]) and run[key] >= minimum):
+            raise ValueError(f"`training.{key}` must be an integer >= {minimum}, not {run[key]!r}")
+    if run.get("dtype", DTYPES[0]) not in DTYPES:
+        raise ValueError(
+            f"`training.dtype` must be one of {', '.join(DTYPES)}, not {run['dtype']!r}"
+        )
+
+
+@dataclass
+class SuiteInfo:
+    """What every SAE of a suite shares (suite.json); validated on construction.
+
+    `default_layer` defaults to the middle layer, `default_k` to the smallest k.
+    """
+
+    base_model: str
+    """Short name, hub id or folder of the base model."""
+    policy: str
+    """Which positions the SAEs were trained on: mask, unmask, all or clean."""
+    layers: list[int]
+    ks: list[int]
+    d_in: int
+    d_sae: int
+    hookpoint: str = "resid_post"
+    corruption: Corruption = field(default_factory=Corruption)
+    default_layer: int | None = None
+    default_k: int | None = None
+    training: dict = field(default_factory=dict)
+    """The run's TrainConfig and totals (steps, tokens, ...), as written by the trainer."""
+    version: int = SUITE_VERSION
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.version) or self.version > SUITE_VERSION:
+            raise ValueError(
+                f"suite version {self.version!r} is newer than this hub-sae reads "
+                f"({SUITE_VERSION}); upgrade hub-sae: pip install -U hub-sae"
+            )
+        for name in ("base_model", "policy", "hookpoint"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"`{name}` must be text, not {getattr(self, name)!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"`policy` {self.policy!r} is not one of {', '.join(POLICIES)}")
+        self.layers = _int_list("layers", self.layers, 0)
+        self.ks = _int_list("ks", self.ks, 1)
+        for name in ("d_in", "d_sae"):
+            if not (_is_int(getattr(self, name)) and getattr(self, name) >= 1):
+                raise ValueError(
+                    f"`{name}` must be a positive integer, not {getattr(self, name)!r}"
+                )
+        if self.default_layer is None:
+            self.default_layer = self.layers[len(self.layers) // 2]
+        if self.default_k is None:
+            self.default_k = self.ks[0]
+        if self.default_layer not in self.layers or not _is_int(self.default_layer):
+            raise ValueError(
+                f"`default_layer` {self.default_layer!r} is not in `layers` {self.layers}"
+            )
+        if self.default_k not in self.ks or not _is_int(self.default_k):
+            raise ValueError(f"`default_k` {self.default_k!r} is not in `ks` {self.ks}")
+        if not isinstance(self.corruption, Corruption):
+            raise ValueError(f"`corruption` must be a Corruption, not {self.corruption!r}")
+        if not isinstance(self.training, dict):
+            raise ValueError(f"`training` must be an object, not {self.training!r}")
+        _check_training(self.training)
+
+    @classmethod
+    def from_dict(cls, data: object, source: str | Path = SUITE_FILE) -> SuiteInfo:
+        """Parse suite.json's content (unknown keys are ignored); a problem is a SuiteError naming
+        `source`."""
+        known = {f.name for f in fields(cls)}
+        try:
+            if not isinstance(data, dict):
+                raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+            required = [
+                f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+            ]
+            missing = [name for name in required if name not in data]
+            if missing:
+                raise ValueError(f"missing {', '.join(f'`{m}`' for m in missing)}")
+            kwargs = {key: value for key, value in data.items() if key in known}
+            if "corruption" in kwargs:
+                corruption = kwargs["corruption"]
+                if not isinstance(corruption, dict):
+                    raise ValueError(f"`corruption` must be an object, not {corruption!r}")
+                kwargs["corruption"] = Corruption(**corruption)
+            return cls(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise SuiteError(
+                f"{source} is not a valid hub-sae suite.json: {e}. Fix the file or train the "
+                "suite again."
+            ) from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def folder(self, layer: int, k: int) -> str:
+        """Folder of the SAE (layer, k) inside the suite."""
+        return sae_folder(layer, k, self.ks)
+
+    def heldout(
+        self, corpus: str | None = None, split: str | None = None, seed: int = 0
+    ) -> DataConfig:
+        """The held-out text the trainer measured the suite on; `corpus` / `split` replace it."""
+        run, defaults = self.training, DataConfig()
+        return DataConfig(
+            corpus=corpus or run.get("eval_corpus") or run.get("corpus", defaults.corpus),
+            split=split or run.get("eval_split", "heldout"),
+            text_field=run.get("text_field", defaults.text_field),
+            ctx_len=run.get("ctx_len", defaults.ctx_len),
+            batch_size=run.get("llm_batch_size", defaults.batch_size),
+            seed=seed,
+        )
+
+    @property
+    def eval_tokens(self) -> int:
+        """Held-out activations per SAE the trainer measured."""
+        return self.training.get("eval_tokens", EVAL_TOKENS)
+
+    @property
+    def dtype(self) -> str:
+        """The base model's dtype during training."""
+        return self.training.get("dtype", DTYPES[0])
 
 
 def sae_folder(layer: int, k: int, ks: list[int]) -> str:
@@ -27,53 +192,49 @@ def sae_folder(layer: int, k: int, ks: list[int]) -> str:
     return f"layer_{layer}" if len(ks) == 1 else f"layer_{layer}/k_{k}"
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON through a temp file + rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def read_suite(root: str | Path) -> dict:
+def read_suite(root: str | Path) -> SuiteInfo:
+    """The SuiteInfo of the suite folder `root`; a clear error when it is missing or invalid."""
     path = Path(root) / SUITE_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: {root} is not a hub-sae suite (train one first)."
         )
-    return json.loads(path.read_text())
+    try:
+        data = json.loads(inside(root, SUITE_FILE).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SuiteError(
+            f"{path} is not valid JSON ({e}); restore it or train the suite again."
+        ) from None
+    return SuiteInfo.from_dict(data, path)
 
 
 def save_suite(
     out_dir: str | Path,
     saes: dict[tuple[int, int], TopKSAE],
     metrics: dict[tuple[int, int], dict],
-    info: dict,
+    info: SuiteInfo,
     features: dict[tuple[int, int], FeatureStats] | None = None,
 ) -> Path:
     """Write a complete suite to `out_dir`, replacing any previous one only once it is complete."""
     out_dir = Path(out_dir)
-    layers = sorted({layer for layer, _ in saes})
-    ks = sorted({k for _, k in saes})
+    expected = {(layer, k) for layer in info.layers for k in info.ks}
+    if set(saes) != expected:
+        raise ValueError(
+            f"the SAEs {sorted(saes)} are not every (layer, k) of layers {info.layers} x ks {info.ks}"
+        )
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for (layer, k), sae in saes.items():
-        folder = tmp / sae_folder(layer, k, ks)
+        folder = tmp / info.folder(layer, k)
         folder.mkdir(parents=True)
         (folder / "README.md").write_text(f"Layer {layer}, k={k}: see the suite's README.md.\n")
         sae.save_pretrained(folder)
         write_json(folder / "metrics.json", metrics.get((layer, k), {}))
         if features and (layer, k) in features:
-            meta = {"policy": str(info.get("policy")), "base_model": str(info.get("base_model"))}
+            meta = {"policy": info.policy, "base_model": info.base_model}
             save_features(folder / FEATURES_FILE, features[layer, k], meta)
-    suite = {
-        **info,
-        "layers": layers,
-        "ks": ks,
-        "default_layer": info.get("default_layer", layers[len(layers) // 2]),
-        "default_k": info.get("default_k", ks[0]),
-    }
-    write_json(tmp / SUITE_FILE, suite)
+    write_json(tmp / SUITE_FILE, info.to_dict())
     old = out_dir.with_name(f".{out_dir.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if out_dir.exists():
@@ -83,15 +244,22 @@ def save_suite(
     return out_dir
 
 
-def layer_folders(root: str | Path) -> dict[tuple[int, int], Path]:
-    """{(layer, k): folder} of every SAE listed by a suite's suite.json."""
-    root = Path(root)
-    suite = read_suite(root)
-    return {
-        (layer, k): root / sae_folder(layer, k, suite["ks"])
-        for layer in suite["layers"]
-        for k in suite["ks"]
-    }
+def layer_folders(root: str | Path, info: SuiteInfo | None = None) -> dict[tuple[int, int], Path]:
+    """{(layer, k): folder} of every SAE listed by a suite, each checked to lie inside `root`.
+
+    Every entry of each folder is checked too, so no file read through the folder (a symlinked
+    config.json or metrics.json) leads out of the suite.
+    """
+    info = info or read_suite(root)
+    folders = {}
+    for layer in info.layers:
+        for k in info.ks:
+            name = info.folder(layer, k)
+            folder = folders[layer, k] = inside(root, name)
+            if folder.is_dir():
+                for entry in folder.iterdir():
+                    inside(root, f"{name}/{entry.name}")
+    return folders
 
 
 def validate_suite(root: str | Path, require_card: bool = True) -> list[str]:
@@ -99,8 +267,8 @@ def validate_suite(root: str | Path, require_card: bool = True) -> list[str]:
     root = Path(root)
     try:
         folders = layer_folders(root)
-    except (FileNotFoundError, json.JSONDecodeError, KeyError) as e:
-        return [f"{root / SUITE_FILE}: {e}"]
+    except (FileNotFoundError, ValueError) as e:
+        return [str(e)]
     problems = [
         f"{folder / name} is missing"
         for folder in folders.values()

@@ -41,7 +41,7 @@ def user_errors(fn: Callable) -> Callable:
 
 
 def _analysis(explorer: Explorer, prompt: str, ratio: float, seed: float | None) -> Analysis:
-    return explorer.analyse(prompt, float(ratio or 0.0), int(seed or 0))
+    return explorer.analyse(prompt, float(ratio or 0.0), explorer.check_seed(seed))
 
 
 def position_choices(analysis: Analysis) -> list[tuple[str, int]]:
@@ -138,7 +138,7 @@ def decode(
     """Plain and steered decoding side by side, with the features seen at each step."""
     steering = Steering(int(feature or 0), float(value or 0.0))
     p, plain, steered = explorer.decode(
-        prompt, float(ratio or 0.0), int(seed or 0), layer, int(steps or 1), steering
+        prompt, float(ratio or 0.0), explorer.check_seed(seed), layer, int(steps or 1), steering
     )
     ids = p.input_ids.tolist()
     return (
@@ -156,7 +156,7 @@ def explore_tab(explorer: Explorer, inputs: list[gr.Component]) -> gr.Number:
     run = gr.Button("Analyse", variant="primary")
     info = gr.Markdown()
     with gr.Row():
-        feature = gr.Number(label="Feature", precision=0, minimum=0, scale=1)
+        feature = gr.Number(label="Feature", step=1, scale=1)  # checked by the handlers
         position = gr.Dropdown(label="Token", choices=[], allow_custom_value=True, scale=2)
     heatmap = gr.HighlightedText(
         label="Activation of the feature (scaled to its max on the prompt)",
@@ -252,7 +252,7 @@ def build_app(source: str | Explorer | None = None) -> gr.Blocks:
                 ratio = gr.Slider(
                     0.0, 1.0, value=0.0, step=0.05, label="Also mask at random (ratio)"
                 )
-                seed = gr.Number(value=0, precision=0, label="Seed")
+                seed = gr.Number(value=0, step=1, label="Seed")  # checked by the handlers
         inputs = [prompt, layers, ratio, seed]
         with gr.Tab("Explore"):
             feature = explore_tab(explorer, inputs)

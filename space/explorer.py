@@ -7,6 +7,7 @@ One forward that stops after the deepest hooked block feeds every layer's SAE.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -17,55 +18,82 @@ from typing import NamedTuple
 import pandas as pd
 import torch
 from diffusion import Decoding, Steering, denoise, vocab_limit
-from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
 from torch import Tensor, nn
 
 from hub_sae.activations import capture
 from hub_sae.features import FEATURES_FILE, FeatureStats, load_features
+from hub_sae.io import HubOptions, inside, local_path
 from hub_sae.masking import Corruption, corrupt, select_positions
 from hub_sae.models import BaseModel, load_base_model
 from hub_sae.sae import EncoderOutput, TopKSAE
-from hub_sae.suite import SUITE_FILE, read_suite, sae_folder
+from hub_sae.suite import SUITE_FILE, SuiteInfo, read_suite
 
 LLADA_SUITE = "AwesomeInterpretability/llada-mask-topk-sae"
 """The published DLM-Scope suite, loaded when neither HUB_SAE_SUITE nor a local run is there."""
+CHECKPOINTS = "checkpoints"
+"""The trainer's folder for checkpoints under its output folder: not a suite."""
 MAX_TOKENS = 256
 CACHE_SIZE = 32
+SEED_MAX = 2**32 - 1
 
 
 class InputError(ValueError):
     """A problem with what the user typed; the app shows the message."""
 
 
+def whole_number(field: str, value: object, maximum: int) -> int:
+    """`value` as an integer in [0, maximum], else an InputError naming `field`."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (number.is_integer() and 0 <= number <= maximum):
+        raise InputError(f"{field} must be a whole number between 0 and {maximum}; got {value!r}.")
+    return int(number)
+
+
 def default_suite(runs: Path | str = "runs") -> str:
-    """HUB_SAE_SUITE, else the newest run under `runs/` with a suite.json, else the LLaDA suite."""
+    """HUB_SAE_SUITE, else the newest run under `runs/` with a suite.json, else the LLaDA suite.
+
+    Hidden folders (a suite being written, `.NAME.tmp`, or replaced, `.NAME.old`) and the
+    trainer's `checkpoints/` folder are never picked.
+    """
     if os.environ.get("HUB_SAE_SUITE"):
         return os.environ["HUB_SAE_SUITE"]
-    suites = sorted(Path(runs).glob(f"*/{SUITE_FILE}"), key=lambda p: p.stat().st_mtime)
+    suites = sorted(
+        (
+            path
+            for path in Path(runs).glob(f"*/{SUITE_FILE}")
+            if not path.parent.name.startswith(".") and path.parent.name != CHECKPOINTS
+        ),
+        key=lambda p: p.stat().st_mtime,
+    )
     return str(suites[-1].parent) if suites else LLADA_SUITE
 
 
-def suite_info(source: str) -> dict:
-    """suite.json of a local folder or hub repo; {} for layouts without one (dictionary_learning)."""
-    if Path(source).is_dir():
-        return read_suite(source) if (Path(source) / SUITE_FILE).is_file() else {}
+def suite_info(source: str) -> SuiteInfo | None:
+    """suite.json of a local folder or hub repo; None for layouts without one (dictionary_learning)."""
+    folder = local_path(source)
+    if folder is not None:
+        return read_suite(folder) if (folder / SUITE_FILE).is_file() else None
     try:
-        return read_suite(Path(hf_hub_download(source, SUITE_FILE)).parent)
+        return read_suite(HubOptions().file(source, SUITE_FILE).parent)
     except EntryNotFoundError:  # a release without suite.json: the SAE configs say enough
-        return {}
-
-
-def suite_features(source: str, info: dict, sae: TopKSAE) -> FeatureStats | None:
-    """The SAE's features.safetensors from a local suite or hub repo, or None when it has none."""
-    if not info:
         return None
-    name = f"{sae_folder(sae.layer, sae.k, info.get('ks', [sae.k]))}/{FEATURES_FILE}"
-    if Path(source).is_dir():
-        path = Path(source) / name
+
+
+def suite_features(source: str, info: SuiteInfo | None, sae: TopKSAE) -> FeatureStats | None:
+    """The SAE's features.safetensors from a local suite or hub repo, or None when it has none."""
+    if info is None:
+        return None
+    name = f"{info.folder(sae.layer, sae.k)}/{FEATURES_FILE}"
+    folder = local_path(source)
+    if folder is not None:
+        path = inside(folder, name)
         return load_features(path) if path.is_file() else None
     try:
-        return load_features(hf_hub_download(source, name))
+        return load_features(HubOptions().file(source, name))
     except EntryNotFoundError:  # the suite was published without feature statistics
         return None
 
@@ -138,17 +166,17 @@ class Explorer:
             for layer, sae in TopKSAE.load_suite(source).items()
         }
         first = next(iter(saes.values()))
-        base_model = base_model or info.get("base_model") or first.base_model
+        base_model = base_model or (info and info.base_model) or first.base_model
         if not base_model:
             raise ValueError(f"{source} names no base model; pass one (--base-model)")
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         return cls(
             base=load_base_model(base_model, dtype=dtype, device=device),
             saes={layer: sae.to(device) for layer, sae in saes.items()},
-            policy=info.get("policy") or first.policy,
+            policy=info.policy if info else first.policy,
             features={layer: suite_features(source, info, sae) for layer, sae in saes.items()},
             title=Path(source).name if Path(source).is_dir() else source,
-            default_layer=info.get("default_layer"),
+            default_layer=info.default_layer if info else None,
         )
 
     @property
@@ -251,11 +279,12 @@ class Explorer:
             raise InputError(f"No SAE for layer {layer}; this suite has layers {self.layers}.")
         return int(layer)
 
-    def check_feature(self, layer: int, feature: int | float | None) -> int:
-        d_sae = self.saes[self.check_layer(layer)].d_sae
-        if feature is None or not 0 <= int(feature) < d_sae:
-            raise InputError(f"Pick a feature between 0 and {d_sae - 1}; got {feature}.")
-        return int(feature)
+    def check_feature(self, layer: int, feature: object) -> int:
+        return whole_number("Feature", feature, self.saes[self.check_layer(layer)].d_sae - 1)
+
+    @staticmethod
+    def check_seed(seed: object) -> int:
+        return whole_number("Seed", 0 if seed is None else seed, SEED_MAX)
 
     def feature_acts(self, analysis: Analysis, layer: int, feature: int) -> Tensor:
         """[T] activation of `feature` at every position (0 where it is not among the top k)."""

@@ -75,7 +75,7 @@ def test_card_snippet_loads_a_layer_of_the_suite(carded_suite):
     text = (carded_suite / CARD_FILE).read_text()
     snippet = python_block(text)
     layer = int(re.search(rf'from_pretrained\("{REPO_ID}", layer=(\d+)', snippet).group(1))
-    assert layer in read_suite(carded_suite)["layers"]
+    assert layer in read_suite(carded_suite).layers
     scope: dict = {}
     exec(snippet.replace(REPO_ID, str(carded_suite)), scope)
     assert scope["sae"].layer == layer
@@ -86,7 +86,7 @@ def test_card_shows_plot_training_setup_and_metric_table(carded_suite):
     text = (carded_suite / CARD_FILE).read_text()
     assert (carded_suite / PLOT_FILE).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert f"]({PLOT_FILE})" in text
-    run = read_suite(carded_suite)["training"]
+    run = read_suite(carded_suite).training
     for expected in (
         f"| k | {run['ks'][0]} |",
         f"{run['total_tokens']:,} activations per SAE",
@@ -96,7 +96,7 @@ def test_card_shows_plot_training_setup_and_metric_table(carded_suite):
         "`pydoc`, packed into 64-token contexts",
     ):
         assert expected in text
-    for layer in read_suite(carded_suite)["layers"]:
+    for layer in read_suite(carded_suite).layers:
         assert re.search(rf"^\| {layer} \| {run['ks'][0]} \| \d\.\d{{3}} \|", text, re.M)
     assert BIBTEX in text
     assert not list(carded_suite.glob(".*.tmp"))

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from hub_sae.cards import CARD_FILE, PLOT_FILE, SUMMARY_FILE
 from hub_sae.cli import main
@@ -56,7 +57,8 @@ def test_eval_rewrites_metrics_with_the_same_keys(suite, capsys):
 
     summary = json.loads((suite / SUMMARY_FILE).read_text())
     assert summary["eval"]["split"] == "heldout" and summary["eval"]["policy"] == "mask"
-    assert summary["eval"]["corruption"] == {"schedule": "dlm_scope", "t_min": 0.05, "t_max": 0.5}
+    corruption = {"schedule": "dlm_scope", "t_min": 0.05, "t_max": 0.5, "eps": 0.001}
+    assert summary["eval"]["corruption"] == corruption
     rows = {(r["layer"], r["k"]): r for r in summary["results"]}
     for key, folder in folders.items():
         after = json.loads((folder / "metrics.json").read_text())
@@ -115,3 +117,67 @@ def test_release_card_command_reproduces_the_committed_card(tmp_path):
     assert main(args) == 0
     assert (tmp_path / CARD_FILE).read_text() == (LLADA_CARD / CARD_FILE).read_text()
     assert (tmp_path / PLOT_FILE).is_file()
+
+
+def metrics_bytes(root: Path) -> dict[Path, bytes]:
+    return {path: path.read_bytes() for path in sorted(root.rglob("metrics.json"))}
+
+
+def test_eval_never_reads_or_writes_outside_the_suite(suite, tmp_path, capsys):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "metrics.json").write_text("keep me")
+    info = json.loads((suite / "suite.json").read_text())
+    (suite / "suite.json").write_text(json.dumps({**info, "ks": [8, "16/../../../../victim"]}))
+    assert main(["eval", str(suite), "--max-tokens", "256", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert str(suite / "suite.json") in err and "`ks` holds" in err
+
+    (suite / "suite.json").write_text(json.dumps(info))
+    shutil.copytree(suite / "layer_1", victim / "layer_1")
+    shutil.rmtree(suite / "layer_1")
+    (suite / "layer_1").symlink_to(victim / "layer_1")
+    before = metrics_bytes(victim)
+    assert main(["eval", str(suite), "--max-tokens", "256", "--device", "cpu"]) == 1
+    assert "leads out of" in capsys.readouterr().err
+    assert metrics_bytes(victim) == before
+
+
+@pytest.mark.parametrize("value", ["-5", "0", "abc"])
+def test_eval_refuses_a_bad_max_tokens_before_writing(suite, capsys, value):
+    before = metrics_bytes(suite)
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", str(suite), "--max-tokens", value, "--device", "cpu"])
+    assert stop.value.code == 2 and "--max-tokens" in capsys.readouterr().err
+    assert metrics_bytes(suite) == before
+
+
+def test_eval_writes_no_metrics_unless_every_layer_succeeds(suite, capsys):
+    broken = suite / "layer_3" / "metrics.json"
+    broken.write_text("{not json")
+    before = metrics_bytes(suite)
+    assert main(["eval", str(suite), "--max-tokens", "256", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert f"{broken} is not valid JSON" in err and "evaluate again" in err
+    assert metrics_bytes(suite) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_eval_on_cuda_without_cuda_is_a_clear_error(suite, capsys):
+    before = metrics_bytes(suite)
+    assert main(["eval", str(suite), "--device", "cuda"]) == 1
+    err = capsys.readouterr().err
+    assert "--device cuda" in err and "use --device cpu" in err and "Traceback" not in err
+    assert main(["eval", str(suite), "--device", "gpu0"]) == 1
+    assert "is not a device" in capsys.readouterr().err
+    assert metrics_bytes(suite) == before
+
+
+def test_a_missing_path_is_never_taken_for_a_hub_repo(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert main(["eval", "runs/typo", "--device", "cpu"]) == 1
+    assert "runs/typo does not exist" in capsys.readouterr().err
+    assert main(["card", "c_nolayer"]) == 1
+    err = capsys.readouterr().err
+    assert "'c_nolayer' is neither an existing local path" in err and "owner/name" in err

@@ -71,6 +71,8 @@ def test_local_txt_and_jsonl(tmp_path: Path) -> None:
     ("files", "corpus", "kwargs", "message"),
     [
         ({}, "missing.txt", {}, "corpus 'missing.txt' does not exist"),
+        ({}, "runs/typo.jsonl", {}, "corpus 'runs/typo.jsonl' does not exist"),
+        ({}, "nocorpus", {}, "corpus 'nocorpus' does not exist; .* HF dataset id \\(owner/name"),
         ({"x.jsonl": '{"body": "a"}\n'}, "x.jsonl", {}, "x.jsonl:1 has no field 'text'"),
         ({"x.jsonl": "{not json\n"}, "x.jsonl", {}, "x.jsonl:1 is not valid JSON"),
         (
@@ -93,3 +95,10 @@ def test_bad_corpus_is_named(tmp_path: Path, monkeypatch, files, corpus, kwargs,
         (tmp_path / name).write_text(text)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         list(iter_texts(DataConfig(corpus=corpus, **kwargs)))
+
+
+def test_binary_txt_is_named_with_its_path(tmp_path: Path) -> None:
+    (tmp_path / "good.txt").write_text("a document")
+    (tmp_path / "blob.txt").write_bytes(bytes(range(256)))
+    with pytest.raises(ValueError, match=r"blob.txt is not UTF-8 text \(byte 128: .*convert it"):
+        list(iter_texts(DataConfig(corpus=str(tmp_path))))

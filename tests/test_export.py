@@ -9,7 +9,7 @@ import torch
 from hub_sae import TopKSAE
 from hub_sae.cli import main
 from hub_sae.export import export
-from hub_sae.suite import save_suite
+from hub_sae.suite import SuiteInfo, save_suite
 from tests.test_formats import (
     D_IN,
     D_SAE,
@@ -30,7 +30,8 @@ def random_suite(root: Path, ks=KS) -> dict[tuple[int, int], TopKSAE]:
             D_IN, D_SAE, k, layer=layer, base_model="some/model", policy="unmask"
         )
         randomize(saes[layer, k], seed=i)
-    save_suite(root, saes, {key: {} for key in saes}, {"base_model": "some/model"})
+    info = SuiteInfo("some/model", "unmask", list(LAYERS), list(ks), D_IN, D_SAE)
+    save_suite(root, saes, {key: {} for key in saes}, info)
     return saes
 
 

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from hub_sae import TopKSAE
 from hub_sae.formats import SAELoadError, layer_from_hookpoint
+from hub_sae.suite import SuiteInfo, save_suite
 
 D_IN, D_SAE, K = 24, 96, 5
 MISSING = object()
@@ -111,10 +112,8 @@ def make_suite(root: Path, layers=(1, 3, 5), default_layer=3) -> dict[int, TopKS
     for layer in layers:
         torch.manual_seed(layer)
         saes[layer] = TopKSAE(d_in=D_IN, d_sae=D_SAE, k=K, layer=layer, base_model="minilm")
-        saes[layer].save_pretrained(root / f"layer_{layer}")
-    (root / "suite.json").write_text(
-        json.dumps({"layers": list(layers), "default_layer": default_layer})
-    )
+    info = SuiteInfo("minilm", "mask", list(layers), [K], D_IN, D_SAE, default_layer=default_layer)
+    save_suite(root, {(layer, K): sae for layer, sae in saes.items()}, {}, info)
     return saes
 
 

@@ -271,8 +271,10 @@ def test_missing_config_or_weights_is_a_clear_error(saved, tmp_path):
     (path / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_llada_model(path)
-    with pytest.raises(FileNotFoundError, match="neither a local folder nor a Hub repo id"):
+    with pytest.raises(FileNotFoundError, match="does-not-exist does not exist"):
         load_llada_model(tmp_path / "does-not-exist")
+    with pytest.raises(FileNotFoundError, match="llada-typo. is neither an existing local path"):
+        load_llada_model("llada-typo")
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.json").write_text(json.dumps(tiny_config().to_dict()))

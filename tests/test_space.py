@@ -20,13 +20,14 @@ from explorer import LLADA_SUITE, Explorer, default_suite  # noqa: E402
 from hub_sae.activations import capture  # noqa: E402
 from hub_sae.models.llada import save_llada_model  # noqa: E402
 from hub_sae.sae import TopKSAE  # noqa: E402
-from hub_sae.suite import save_suite  # noqa: E402
+from hub_sae.suite import SuiteInfo, save_suite  # noqa: E402
 from tests.test_formats import populate_hub_cache, raw_weights, write_dictionary_learning  # noqa: E402
 from tests.test_llada import tiny_model  # noqa: E402
 
 PROMPT = "The [MASK] statement is used to leave a loop early, and [MASK] skips ahead."
 WORDS = ["<|startoftext|>", "<|endoftext|>", "[UNK]", "the", "cat", "sat", "on", "a", "mat", "dog"]
 LLADA_MASK = "<|mdm_mask|>"
+CLIENTS, REQUESTS = 20, 3
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +43,8 @@ def masked_positions(explorer: Explorer, text: str) -> list[int]:
 def test_default_suite_env_then_newest_run_then_llada(tmp_path, monkeypatch):
     monkeypatch.delenv("HUB_SAE_SUITE", raising=False)
     assert default_suite(tmp_path / "runs") == LLADA_SUITE
-    for name in ("old", "new"):
+    # written in this order: the hidden temp folders and checkpoints/ are the newest, never picked
+    for name in ("old", "new", ".new.tmp", ".old.old", "checkpoints"):
         (tmp_path / "runs" / name).mkdir(parents=True)
         (tmp_path / "runs" / name / "suite.json").write_text("{}")
     (tmp_path / "runs" / "unfinished").mkdir()
@@ -145,6 +147,12 @@ def test_bad_inputs_are_clear_errors(explorer):
         app.show_token(explorer, PROMPT, 3, 0.0, 0, 0)  # BOS
     with pytest.raises(gr.Error, match="between 0 and 767"):
         app.show_feature(explorer, PROMPT, 3, 0.0, 0, 768)
+    for feature in ("abc", float("nan"), float("inf"), 2.5, None):
+        with pytest.raises(gr.Error, match="Feature must be a whole number between 0 and 767"):
+            app.show_feature(explorer, PROMPT, 3, 0.0, 0, feature)
+    for seed in (1e30, -1, "abc", float("nan")):
+        with pytest.raises(gr.Error, match="Seed must be a whole number between 0 and 4294967295"):
+            app.analyse(explorer, PROMPT, 3, 0.5, seed)
     with pytest.raises(gr.Error, match="needs an LM head"):
         app.decode(explorer, PROMPT, 3, 0.0, 0, 4, 0, 1.0)
 
@@ -171,7 +179,7 @@ def llada(tmp_path_factory) -> Explorer:
     save_llada_tokenizer(root / "model")
     torch.manual_seed(0)
     saes = {(layer, 8): TopKSAE(64, 128, 8, layer=layer) for layer in (1, 2)}
-    info = {"base_model": str(root / "model"), "policy": "mask"}
+    info = SuiteInfo(str(root / "model"), "mask", layers=[1, 2], ks=[8], d_in=64, d_sae=128)
     save_suite(root / "suite", saes, {}, info)
     return Explorer.load(str(root / "suite"), device="cpu")
 
@@ -289,6 +297,10 @@ def test_api_analyse_feature_and_token(server, explorer):
     assert column(table2, "feature")
     with pytest.raises(Exception, match="at most 256"):
         client.predict("word " * 300, 3, 0.0, 0, api_name="/analyze")
+    with pytest.raises(Exception, match="Feature must be a whole number"):
+        client.predict(PROMPT, 3, 0.0, 0, "abc", api_name="/feature")
+    with pytest.raises(Exception, match="Seed must be a whole number"):
+        client.predict(PROMPT, 3, 0.5, 1e30, api_name="/analyze")
 
 
 def column(frame: dict, name: str) -> list:
@@ -296,14 +308,25 @@ def column(frame: dict, name: str) -> list:
 
 
 def test_twenty_concurrent_clients(server):
-    def one(i: int) -> str:
-        client = Client(server, verbose=False)
-        text = f"Example {i}: the [MASK] statement ends the loop."
-        return client.predict(text, 1 + 2 * (i % 2), 0.2, i, api_name="/analyze")[0]
+    """20 clients, each sending analyse, feature and token requests: every one is answered."""
 
-    with ThreadPoolExecutor(20) as pool:
-        infos = list(pool.map(one, range(20)))
-    assert all("analysed" in info for info in infos)
+    def one(i: int) -> list[str]:
+        client = Client(server, verbose=False)
+        text, layer = f"Example {i}: the [MASK] statement ends the loop.", 1 + 2 * (i % 2)
+        failures = []
+        for request in range(REQUESTS):
+            try:
+                info, position, *_ = client.predict(text, layer, 0.2, i, api_name="/analyze")
+                assert "analysed" in info
+                client.predict(text, layer, 0.2, i, request, api_name="/feature")
+                client.predict(text, layer, 0.2, i, position["value"], api_name="/token")
+            except Exception as e:  # every failure is counted, none hidden
+                failures.append(f"client {i} request {request}: {e!r}")
+        return failures
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        failures = [f for client in pool.map(one, range(CLIENTS)) for f in client]
+    assert failures == [], f"{len(failures)} of {CLIENTS * REQUESTS} rounds failed"
 
 
 def test_api_decode_on_llada(llada):

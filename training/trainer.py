@@ -27,7 +27,7 @@ from hub_sae.features import collect_features
 from hub_sae.masking import Corruption, check_policy
 from hub_sae.models import BaseModel, load_base_model
 from hub_sae.sae import TopKSAE
-from hub_sae.suite import save_suite
+from hub_sae.suite import SuiteInfo, save_suite
 
 
 @dataclass
@@ -582,7 +582,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
                 "train_seconds": round(train_seconds, 1),
             },
         }
-        out_dir = save_suite(Path(cfg.output_dir) / cfg.name, final, metrics, info, features)
+        suite = SuiteInfo.from_dict({**info, "layers": cfg.layers, "ks": cfg.ks})
+        out_dir = save_suite(Path(cfg.output_dir) / cfg.name, final, metrics, suite, features)
         shutil.rmtree(checkpoint_root(cfg), ignore_errors=True)
         accelerator.print(summary_table(metrics))
         accelerator.print(f"suite written to {out_dir}")

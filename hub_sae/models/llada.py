@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import save_torch_state_dict, snapshot_download
+from huggingface_hub import save_torch_state_dict
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from hub_sae.io import HubOptions, local_path, write_json
 from hub_sae.models import BaseModel
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -205,13 +206,12 @@ class LLaDAModelLM(nn.Module):
 
 def _local_dir(name_or_path: str | Path) -> Path:
     """A local checkpoint folder, downloading `name_or_path` from the Hub when it is a repo id."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
+    path = local_path(name_or_path)
+    if path is not None:
         return path
-    name = str(name_or_path)
-    if name.count("/") != 1 or name.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{name} is neither a local folder nor a Hub repo id (owner/name)")
-    return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    return HubOptions().snapshot(
+        str(name_or_path), allow_patterns=["*.json", "*.safetensors", "tokenizer*"]
+    )
 
 
 def _shard_files(path: Path) -> tuple[list[Path], dict[str, str]]:
@@ -276,7 +276,7 @@ def save_llada_model(
     """Write config.json and the weights as safetensors shards (+ index when there are several)."""
     save_directory = Path(save_directory)
     save_directory.mkdir(parents=True, exist_ok=True)
-    (save_directory / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+    write_json(save_directory / "config.json", model.config.to_dict())
     save_torch_state_dict(model.state_dict(), save_directory, max_shard_size=max_shard_size)
 
 

@@ -1,0 +1,163 @@
+"""File and hub I/O shared by every module: atomic writes, paths kept inside their folder, and the
+one rule that tells a local path from a hub repo id.
+
+- `write_atomic` / `write_json`: a temp file beside the target, fsync, rename; readers never see
+  half a file, and a crash leaves the old file in place.
+- `inside(root, name)`: `root / name` for a name read from a file or typed by a user, refusing
+  absolute names, `..` and symlinks that lead out of `root`.
+- `local_path(source)`: an existing path is local, `owner/name` is a hub repo id, anything else is
+  an error that says which it looked like and how to fix it.
+- `HubOptions`: the download arguments (revision, cache, token, offline) in one record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+
+from huggingface_hub import hf_hub_download, snapshot_download
+from huggingface_hub.errors import (
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
+
+FILE_SUFFIXES = frozenset(
+    ".txt .jsonl .json .csv .parquet .yaml .yml .safetensors .pt .pth .bin .gz .zip".split()
+)
+"""Endings that make a name read as a file path rather than a hub repo id."""
+
+
+class UnsafePathError(ValueError):
+    """A name read from a file or the command line points outside the folder it belongs to."""
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> Path:
+    """Write `data` to `path` through a unique temp file + rename, so a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | Path, data: dict) -> Path:
+    """`data` as indented, key-sorted JSON, written atomically."""
+    return write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def inside(root: str | Path, name: str | Path) -> Path:
+    """`root / name` for an untrusted relative `name`: no absolute path, no `..`, no symlink out.
+
+    The path need not exist; if it (or a folder on the way) is a symlink, its target must lie
+    inside `root` too.
+    """
+    relative = PurePosixPath(Path(name).as_posix())
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        raise UnsafePathError(
+            f"{str(name)!r} is not a relative path inside {root}: absolute paths and '..' are "
+            "refused. Fix the file or option that names it."
+        )
+    path = Path(root, *relative.parts)
+    target = path.resolve()
+    if not target.is_relative_to(Path(root).resolve()):
+        raise UnsafePathError(
+            f"{path} leads out of {root} (to {target}) through a symlink; replace the link with "
+            "the real file or folder."
+        )
+    return path
+
+
+def is_repo_id(text: str) -> bool:
+    """Whether `text` is a valid hub repo id of the form `owner/name`."""
+    if text.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
+def local_path(source: str | Path) -> Path | None:
+    """The local file or folder `source` names, or None when it is a hub repo id `owner/name`.
+
+    Missing paths are never taken for repo ids: a name that looks like a path (./ ../ / ~, a file
+    suffix, several '/', or a first part that is a local folder) raises FileNotFoundError, and so
+    does a bare name (no '/'), since it could be either.
+    """
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.exists():
+        return path
+    first = text.split("/")[0]
+    shadowed = "/" in text and Path(first).expanduser().is_dir()
+    if (
+        text.startswith(("./", "../", "/", "~"))
+        or path.suffix.lower() in FILE_SUFFIXES
+        or text.count("/") > 1
+        or shadowed
+    ):
+        hint = (
+            f" ({first}/ is a local folder, so this reads as a path; to load the hub repo {text}, "
+            "run from another folder)"
+            if shadowed and is_repo_id(text)
+            else ""
+        )
+        raise FileNotFoundError(
+            f"{text} does not exist; give the path of an existing file or folder{hint}."
+        )
+    if is_repo_id(text):
+        return None
+    raise FileNotFoundError(
+        f"{text!r} is neither an existing local path (no such file or folder in {Path.cwd()}) nor a "
+        "hub repo id (those read owner/name). Give an existing path, e.g. ./runs/NAME, or the "
+        "full repo id."
+    )
+
+
+@dataclass(frozen=True)
+class HubOptions:
+    """The arguments of every hub download."""
+
+    revision: str | None = None
+    """Branch, tag or commit (default: main)."""
+    cache_dir: str | Path | None = None
+    """The hub cache (default: huggingface_hub's)."""
+    token: str | bool | None = None
+    """Access token (default: the logged-in one)."""
+    local_files_only: bool = False
+    """Read the cache only, never the network."""
+
+    def snapshot(
+        self,
+        repo_id: str,
+        allow_patterns: list[str] | None = None,
+        local_dir: str | Path | None = None,
+    ) -> Path:
+        """The files of `repo_id` matching `allow_patterns`, downloaded (or cached) into a folder."""
+        try:
+            folder = snapshot_download(
+                repo_id, allow_patterns=allow_patterns, local_dir=local_dir, **asdict(self)
+            )
+        except (RepositoryNotFoundError, LocalEntryNotFoundError) as e:
+            raise FileNotFoundError(
+                f"{repo_id} is not a local path, and the hub repo {repo_id} could not be read "
+                f"({type(e).__name__}). Check the path or repo id, your token, or go online."
+            ) from e
+        return Path(folder)
+
+    def file(self, repo_id: str, filename: str) -> Path:
+        """One file of `repo_id`, downloaded (or cached)."""
+        return Path(hf_hub_download(repo_id, filename, **asdict(self)))

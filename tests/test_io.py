@@ -1,0 +1,58 @@
+"""hub_sae.io: atomic writes, the containment rule and the local-path-or-repo-id rule."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from hub_sae.io import UnsafePathError, inside, is_repo_id, local_path, write_atomic, write_json
+
+
+def test_write_atomic_replaces_the_whole_file_and_leaves_no_temp(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.json"
+    write_json(path, {"b": 1, "a": 2})
+    assert path.read_text() == '{\n  "a": 2,\n  "b": 1\n}\n'
+    write_atomic(path, b"new")
+    assert path.read_bytes() == b"new"
+    with pytest.raises(TypeError):
+        write_atomic(path, 12345)  # type: ignore[arg-type]  # fails while writing the temp file
+    assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["metrics.json"]
+
+
+def test_write_atomic_replaces_a_symlink_instead_of_writing_through_it(tmp_path: Path) -> None:
+    outside = tmp_path / "outside.json"
+    outside.write_text("secret")
+    (tmp_path / "suite").mkdir()
+    (tmp_path / "suite" / "metrics.json").symlink_to(outside)
+    write_json(tmp_path / "suite" / "metrics.json", {})
+    assert outside.read_text() == "secret"
+
+
+def test_inside_refuses_absolute_names_dotdot_and_symlinks_out(tmp_path: Path) -> None:
+    root = tmp_path / "suite"
+    (root / "layer_1").mkdir(parents=True)
+    (tmp_path / "victim").mkdir()
+    assert inside(root, "layer_1/metrics.json") == root / "layer_1" / "metrics.json"
+    assert inside(root, "layer_9") == root / "layer_9"  # need not exist
+    for name in ("/etc/passwd", "layer_1/../../victim", "..", ""):
+        with pytest.raises(UnsafePathError, match="not a relative path inside"):
+            inside(root, name)
+    (root / "layer_2").symlink_to(tmp_path / "victim")
+    with pytest.raises(UnsafePathError, match="leads out of .* through a symlink"):
+        inside(root, "layer_2/metrics.json")
+    (root / "layer_3").symlink_to(root / "layer_1")  # a link that stays inside is fine
+    assert inside(root, "layer_3") == root / "layer_3"
+
+
+def test_local_path_never_takes_a_missing_path_for_a_repo_id(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    assert local_path("runs/tiny") == Path("runs/tiny")
+    assert local_path(tmp_path / "runs") == tmp_path / "runs"
+    assert local_path("me/my-suite") is None and is_repo_id("me/my-suite")
+    for missing in ("runs/typo", "./typo", "../typo", "/no/such", "~/no-such", "a/b/c", "x.txt"):
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            local_path(missing)
+    with pytest.raises(FileNotFoundError, match="neither an existing local path .* owner/name"):
+        local_path("c_nolayer")
+    assert not is_repo_id("a/b/c") and not is_repo_id("me/bad..name") and not is_repo_id("x")
