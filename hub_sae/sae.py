@@ -26,6 +26,8 @@ PAPER_URL = "https://openreview.net/forum?id=yO5buOEUag"
 
 
 class EncoderOutput(NamedTuple):
+    """The k active latents of each token."""
+
     top_acts: Tensor
     """[N, k] activations of the active latents (>= 0)."""
     top_indices: Tensor
@@ -33,9 +35,12 @@ class EncoderOutput(NamedTuple):
 
 
 class ForwardOutput(NamedTuple):
+    """What `TopKSAE.forward` computes for one batch."""
+
     reconstruction: Tensor
     """[N, d_in] the decoded input."""
     latents: EncoderOutput
+    """The active latents the reconstruction was decoded from."""
     fvu: Tensor
     """Fraction of variance unexplained: ||x - x_hat||^2 / ||x - mean(x)||^2 over the batch."""
     auxk_loss: Tensor | None
@@ -49,6 +54,7 @@ def _tokens(indices: Tensor, first: int = 0) -> Tensor:
 
 
 WEIGHT_GRAD_PATHS = ("embedding_bag", "index_add")
+"""The two kernels `_scatter_rows` can use (docs/design-notes.md)."""
 weight_grad_path: dict[str, str] = {"cpu": "embedding_bag", "cuda": "embedding_bag"}
 """The `_scatter_rows` kernel per device type; benchmarks/train_step.py --weight-grad measures both."""
 INDEX_ADD_CHUNK = 1 << 16
@@ -73,7 +79,7 @@ def _scatter_rows(
         return out
     if path != "embedding_bag":
         raise ValueError(f"weight_grad_path must be one of {WEIGHT_GRAD_PATHS}; got {path!r}.")
-    # On CPU the stable sort of int32 keys is the fast one (and the least hurt by busy cores).
+    # A stable sort of int32 keys: the fastest on CPU (docs/design-notes.md).
     order = latents.int().argsort(stable=True)
     counts = torch.bincount(latents, minlength=n_rows)
     return F.embedding_bag(
@@ -154,9 +160,8 @@ class _TopKEncoder(torch.autograd.Function):
         ctx.save_for_backward(sae_in, weight, indices, values, aux_indices, aux_values)
         ctx.mark_non_differentiable(indices, aux_indices)
         ctx.set_materialize_grads(False)  # a missing gradient stays None, not a dense zero
-        # AuxK keeps the raw pre-activations: a dead latent is usually dead because they went
-        # negative, and a ReLU there would cut the very gradient that is to revive it (on MiniLM
-        # layers 1 and 5 at alpha 1/32: 16-20 % dead with a ReLU here, 1-2 % without).
+        # AuxK keeps the raw pre-activations: a ReLU would cut the gradient that revives a dead
+        # latent, whose pre-activations are negative (docs/design-notes.md).
         return values.relu(), indices, aux_values, aux_indices
 
     @staticmethod
@@ -166,27 +171,27 @@ class _TopKEncoder(torch.autograd.Function):
         n_rows = weight.shape[0]
         # ReLU; a missing gradient is a zero one
         grad = grad_acts * (values > 0) if grad_acts is not None else torch.zeros_like(values)
-        aux = grad_aux if grad_aux is not None else torch.zeros_like(aux_values)
-        if aux_indices.dim() == 1:  # dense block: only the selected (non-zero) entries count
-            aux = aux * (aux_values != 0)
+        grad_aux = grad_aux if grad_aux is not None else torch.zeros_like(aux_values)
         block = aux_indices.dim() == 1
-        if not block:  # one sparse selection: the top k and AuxK's side by side
-            indices, grad = torch.cat([indices, aux_indices], 1), torch.cat([grad, aux], 1)
+        if block:  # dense block: only the selected (non-zero) entries count
+            grad_aux = grad_aux * (aux_values != 0)
+        else:  # one sparse selection: the top k and AuxK's side by side
+            indices, grad = torch.cat([indices, aux_indices], 1), torch.cat([grad, grad_aux], 1)
         grad_x = grad_b_dec = grad_weight = grad_bias = None
         if need_weight:
             grad_weight = _scatter_rows(
                 indices.flatten(), _tokens(indices), grad.flatten(), sae_in, n_rows
             )
             if block:
-                grad_weight.index_add_(0, aux_indices, aux.T @ sae_in)
+                grad_weight.index_add_(0, aux_indices, grad_aux.T @ sae_in)
         if need_bias or need_b_dec:
             grad_bias = grad.new_zeros(n_rows).index_add_(0, indices.flatten(), grad.flatten())
             if block:
-                grad_bias.index_add_(0, aux_indices, aux.sum(0))
+                grad_bias.index_add_(0, aux_indices, grad_aux.sum(0))
         if need_x:
             grad_x = _decode(weight, grad, indices)
             if block:
-                grad_x += _decode(weight, aux, aux_indices)
+                grad_x += _decode(weight, grad_aux, aux_indices)
         if need_b_dec:
             # -sum_n grad_x[n] = -grad_bias W: one [d_sae] x [d_sae, d] product, not N * K rows.
             grad_b_dec = -(grad_x.sum(0) if grad_x is not None else grad_bias @ weight)
@@ -273,17 +278,18 @@ class TopKSAE(
         self.W_dec = nn.Parameter(self.encoder.weight.data.clone())
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.set_decoder_norm_to_unit_norm()
-        # The encoder starts as the transpose of the unit-norm decoder (Gao et al.), not at
-        # nn.Linear's ~0.58 row norm: MiniLM layer 0 then ends with 2 % dead latents, not 15 %.
-        # `match_scale` rescales it to the data before training.
+        # The encoder starts as the transpose of the unit-norm decoder (Gao et al.): far fewer
+        # latents die than from nn.Linear's start (docs/design-notes.md). `match_scale` rescales it.
         self.encoder.weight.data.copy_(self.W_dec.data)
 
     @property
     def device(self) -> torch.device:
+        """The device of the parameters."""
         return self.b_dec.device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the parameters; inputs are cast to it."""
         return self.b_dec.dtype
 
     def encode(self, x: Tensor) -> EncoderOutput:
@@ -343,9 +349,9 @@ class TopKSAE(
     def match_scale(self, x: Tensor) -> float:
         """Scale the encoder so that the reconstruction of `x` [N, d_in] lies as far from b_dec as `x`.
 
-        Call it once before training (encoder bias still 0, b_dec set): with unit-norm encoder rows,
-        the k largest of d_sae activations can overshoot (k 160 of 12288: ~1.7x the input's norm)
-        and the first steps then diverge. Returns the factor applied.
+        Call it once before training (encoder bias still 0, b_dec set): with unit-norm encoder rows
+        the k largest activations can overshoot the input and the first steps diverge
+        (docs/design-notes.md). Returns the factor applied.
         """
         x = x.to(self.dtype)
         reach = (self(x).reconstruction - self.b_dec).norm()
@@ -356,6 +362,7 @@ class TopKSAE(
 
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self) -> None:
+        """Scale each row of W_dec to unit norm."""
         self.W_dec.data /= self.W_dec.data.norm(dim=1, keepdim=True).clamp_min(
             torch.finfo(self.dtype).eps
         )
@@ -365,8 +372,8 @@ class TopKSAE(
         """Project out the part of W_dec's gradient that would change the (unit) row norms."""
         if self.W_dec.grad is None:
             return
-        # In place and without a [d_sae, d_in] temporary: at d_in 4096 each fresh one costs more
-        # (page faults) than the arithmetic.
+        # In place, without a [d_sae, d_in] temporary: at large d_in a fresh one costs more (page
+        # faults) than the arithmetic (docs/design-notes.md).
         parallel = torch.einsum("ij,ij->i", self.W_dec.grad, self.W_dec.data)
         self.W_dec.grad.addcmul_(parallel.unsqueeze(1), self.W_dec.data, value=-1.0)
 
