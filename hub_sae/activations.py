@@ -1,7 +1,7 @@
 """Read and replace block outputs (resid_post) with forward hooks.
 
 `capture` reads several blocks in one forward and stops it after the deepest of them, so no block
-past it runs. `harvest` corrupts a batch first and keeps the positions its policy selects;
+past it runs. `harvest` corrupts a batch first and captures the positions its policy selects;
 `harvest_text` does so over a corpus up to a number of positions. `splice` replaces one block's
 output for as long as it is active (SAE-spliced evaluation, steering).
 """
@@ -32,6 +32,7 @@ class Harvest(NamedTuple):
     positions: Tensor
     """[n_selected, 2] (batch index, position) of each row."""
     batch: CorruptedBatch
+    """The corrupted batch the rows were captured from."""
 
 
 class _StopForward(Exception):
@@ -76,8 +77,8 @@ def capture(
 
     def hook_for(layer: int) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            h = _hidden(output)
-            acts[layer] = h.clone() if selected is None else h[selected]
+            hidden = _hidden(output)
+            acts[layer] = hidden.clone() if selected is None else hidden[selected]
             if layer == deepest:
                 raise _StopForward
 

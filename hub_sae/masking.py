@@ -2,7 +2,7 @@
 
 `corrupt` replaces each real token by the mask token with probability p, drawn per batch
 (`dlm_scope`: p ~ U[t_min, t_max], the DLM-Scope recipe) or per sequence (`llada`: LLaDA's own
-pretraining process). A policy then picks the positions whose activations are kept:
+pretraining process). A policy then selects the positions whose activations are used:
 
 - `mask`: the masked positions only (the DLM-Scope default);
 - `unmask`: the real tokens left visible;
@@ -53,16 +53,16 @@ class Corruption:
 
 
 class CorruptedBatch(NamedTuple):
-    """A corrupted batch and the positions its policy keeps."""
+    """A corrupted batch and the positions its policy selects."""
 
     input_ids: Tensor
     """[B, T] corrupted ids (the mask token at masked positions)."""
     is_masked: Tensor
-    """[B, T] bool."""
+    """[B, T] bool: True where the mask token replaced the clean token."""
     p: Tensor
     """[B] float mask probability used for each sequence."""
     selected: Tensor
-    """[B, T] bool: positions whose activations the policy keeps."""
+    """[B, T] bool: the positions the policy selects (whose activations are used)."""
 
 
 def check_policy(policy: str) -> str:
@@ -83,7 +83,7 @@ def _real(shape: torch.Size, attention_mask: Tensor | None, device: torch.device
 
 
 def select_positions(is_masked: Tensor, attention_mask: Tensor | None, policy: str) -> Tensor:
-    """[B, T] bool: the positions `policy` keeps, never position 0 nor a pad."""
+    """[B, T] bool: the positions `policy` selects, never position 0 nor a pad."""
     real = _real(is_masked.shape, attention_mask, is_masked.device)
     if check_policy(policy) == "mask":
         return is_masked & real
@@ -111,7 +111,7 @@ def corrupt(
     corruption: Corruption | None = None,
     generator: torch.Generator | None = None,
 ) -> CorruptedBatch:
-    """Mask each real token but BOS with probability p and select the positions `policy` keeps.
+    """Mask each real token but BOS with probability p and select the positions of `policy`.
 
     Random numbers are drawn on the generator's device (on `input_ids`' device without one), so a
     seeded generator gives the same batch every time.

@@ -33,7 +33,7 @@ def batch(base: BaseModel) -> tuple[torch.Tensor, torch.Tensor]:
     rows = [[base.bos_token_id, *ids[i * 47 : (i + 1) * 47]] for i in range(4)]
     input_ids = torch.tensor(rows)
     attention_mask = torch.ones_like(input_ids)
-    input_ids[3, 30:] = base.pad_token_id
+    input_ids[3, 30:] = base.tokenizer.pad_token_id
     attention_mask[3, 30:] = 0
     return input_ids, attention_mask
 
@@ -45,7 +45,7 @@ def block_hooks(base: BaseModel) -> list[list[int]]:
 
 def test_loads_embedded_default(base: BaseModel) -> None:
     assert (base.n_layers, base.d_model, base.mask_token_id) == (6, 384, 103)
-    assert (base.bos_token_id, base.eos_token_id, base.pad_token_id) == (101, 102, 0)
+    assert (base.bos_token_id, base.eos_token_id) == (101, 102)
     assert not base.has_lm_head and base.max_length == 512
     assert not any(p.requires_grad for p in base.model.parameters())
     assert not base.model.training

@@ -302,12 +302,7 @@ def test_load_llada_fills_the_base_model(saved):
     save_tokenizer(path)
     assert is_llada(str(path))
     base = load_base_model(str(path), dtype=torch.float32)
-    assert (base.mask_token_id, base.bos_token_id, base.eos_token_id, base.pad_token_id) == (
-        299,
-        0,
-        1,
-        1,
-    )
+    assert (base.mask_token_id, base.bos_token_id, base.eos_token_id) == (299, 0, 1)
     assert (base.n_layers, base.d_model, base.max_length, base.has_lm_head) == (3, 64, 64, True)
     assert base.blocks is base.model.blocks
     input_ids = torch.tensor([base.tokenizer("hello world").input_ids])

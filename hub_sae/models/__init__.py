@@ -1,4 +1,8 @@
-"""Base models: one small record of what hub-sae needs from any model, and the loader that picks one."""
+"""Base models: one small record of what hub-sae needs from any model, and the loader that picks one.
+
+LLaDA checkpoints load with the native code of `llada.py`; every other model (the embedded MiniLM
+default, any Hugging Face masked LM or encoder) with transformers, in `hf.py`.
+"""
 
 from __future__ import annotations
 
@@ -17,40 +21,44 @@ class BaseModel:
     """A loaded base model and the handles hub-sae hooks into.
 
     `blocks[L]`'s output is `resid_post` of layer L (= `hidden_states[L + 1]` in HF terms).
-    `run(input_ids, attention_mask)` returns logits when the model has an LM head, else the final
-    hidden state.
     """
 
     name: str
+    """The name or path it was loaded from."""
     model: nn.Module
     tokenizer: object
     blocks: nn.ModuleList
+    """One module per layer, in order."""
     mask_token_id: int
     bos_token_id: int
+    """Starts every packed context (BOS, or CLS for BERT-style encoders)."""
     eos_token_id: int
-    pad_token_id: int
+    """Joins consecutive documents in a context (EOS, or SEP for BERT-style encoders)."""
     has_lm_head: bool
+    """Whether `run` returns logits (else the final hidden state)."""
     max_length: int
+    """The longest context the model takes (position embeddings)."""
 
     @property
     def n_layers(self) -> int:
+        """Number of blocks."""
         return len(self.blocks)
 
     @property
     def d_model(self) -> int:
-        return (
-            self.model.config.hidden_size
-            if hasattr(self.model.config, "hidden_size")
-            else (self.model.config.d_model)
-        )
+        """Width of the hidden states (the SAEs' d_in)."""
+        config = self.model.config
+        return config.hidden_size if hasattr(config, "hidden_size") else config.d_model
 
     @property
     def device(self) -> torch.device:
+        """The device of the model's parameters."""
         return next(self.model.parameters()).device
 
     def run(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
+        """Logits [B, T, V] when the model has an LM head, else the final hidden state [B, T, d]."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask)
         if isinstance(out, torch.Tensor):
             return out

@@ -36,7 +36,6 @@ def load_hf(
         )
     model, has_lm_head = _load_model(path, dtype)
     model = model.to(device).eval().requires_grad_(False)
-    eos = _first_id(name_or_path, "eos or sep", tokenizer.eos_token_id, tokenizer.sep_token_id)
     return BaseModel(
         name=name_or_path,
         model=model,
@@ -46,8 +45,9 @@ def load_hf(
         bos_token_id=_first_id(
             name_or_path, "bos or cls", tokenizer.bos_token_id, tokenizer.cls_token_id
         ),
-        eos_token_id=eos,
-        pad_token_id=_first_id(name_or_path, "pad", tokenizer.pad_token_id, eos),
+        eos_token_id=_first_id(
+            name_or_path, "eos or sep", tokenizer.eos_token_id, tokenizer.sep_token_id
+        ),
         has_lm_head=has_lm_head,
         max_length=getattr(model.config, "max_position_embeddings", None)
         or tokenizer.model_max_length,
@@ -63,7 +63,7 @@ def _load_model(path: str, dtype: torch.dtype) -> tuple[PreTrainedModel, bool]:
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # a missing-head report is expected here; the check follows
     try:
-        model, info = AutoModelForMaskedLM.from_pretrained(
+        model, loading = AutoModelForMaskedLM.from_pretrained(
             path, dtype=dtype, output_loading_info=True
         )
     except ValueError:  # no masked-LM class for this architecture
@@ -73,7 +73,7 @@ def _load_model(path: str, dtype: torch.dtype) -> tuple[PreTrainedModel, bool]:
     if model is None:
         return AutoModel.from_pretrained(path, dtype=dtype), False
     prefix = model.base_model_prefix + "."
-    if any(not key.startswith(prefix) for key in info["missing_keys"]):
+    if any(not key.startswith(prefix) for key in loading["missing_keys"]):
         return model.base_model, False
     return model, True
 

@@ -62,6 +62,7 @@ class LLaDAConfig:
     mask_token_id: int = 126336
     eos_token_id: int = 126081
     pad_token_id: int | None = 126081
+    """Kept so that `to_dict` writes config.json back whole; hub-sae never pads with it."""
     max_sequence_length: int = 4096
 
     def __post_init__(self) -> None:
@@ -75,10 +76,12 @@ class LLaDAConfig:
 
     @property
     def head_dim(self) -> int:
+        """Width of one attention head."""
         return self.d_model // self.n_heads
 
     @property
     def n_embeddings(self) -> int:
+        """Rows of the embedding and of the output head."""
         return self.embedding_size or self.vocab_size
 
     @classmethod
@@ -187,6 +190,7 @@ class LLaDAModelLM(nn.Module):
 
     @property
     def blocks(self) -> nn.ModuleList:
+        """The transformer blocks, in order."""
         return self.model.transformer.blocks
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -306,9 +310,6 @@ def load_llada(
         mask_token_id=config.mask_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=config.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id
-        if tokenizer.pad_token_id is not None
-        else config.eos_token_id,
         has_lm_head=True,
         max_length=config.max_sequence_length,
     )
