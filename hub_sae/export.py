@@ -11,13 +11,12 @@ The whole output is written beside `out` and renamed into place once complete.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 from safetensors.torch import save_file
 
+from hub_sae.io import write_folder
 from hub_sae.sae import TopKSAE
 from hub_sae.suite import SUITE_FILE, layer_folders
 
@@ -112,18 +111,6 @@ WRITERS: dict[str, Callable[[TopKSAE, Path], None]] = {
 }
 
 
-def _write_atomically(out: Path, fill: Callable[[Path], None]) -> None:
-    """Run `fill` on an empty temp folder beside `out`, then rename it to `out`."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        fill(tmp)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _load(source: str | Path, layer: int | None, k: int | None) -> dict[tuple[int, int], TopKSAE]:
     """{(layer, k): SAE}: every SAE of a local suite, else the one SAE that `source` names."""
     path = Path(source).expanduser()
@@ -166,8 +153,5 @@ def export(
             for run, group in runs.items():
                 _write_sparsify_run(group, run)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.is_dir():
-        out.rmdir()  # empty (checked above): the rename replaces it
-    _write_atomically(out, fill)
+    write_folder(out, fill)
     return written

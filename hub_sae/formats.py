@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from hub_sae.io import HubOptions, inside, local_path
+from hub_sae.io import HubOptions, inside, is_int, local_path
 from hub_sae.sae import TopKSAE
 from hub_sae.suite import SUITE_FILE, read_suite
 
@@ -57,7 +57,8 @@ class SAELoadError(ValueError):
 class SAEFolder:
     """One SAE found on disk: its layout, folder, layer and k, and its parsed JSON config."""
 
-    kind: str
+    layout: str
+    """A key of WEIGHTS and READERS: hub_sae, dictionary_learning, sparsify or saelens."""
     folder: Path
     layer: int | None
     k: int | None
@@ -89,39 +90,34 @@ def _hookpoint(name: str | None) -> str:
     return "resid_post" if not name or BLOCK_OUTPUT.fullmatch(name) else name
 
 
-def _integer(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def sae_kwargs(raw: dict, source: Path) -> dict:
-    """TopKSAE keyword arguments from `raw`, checked; or an SAELoadError naming `source`.
+def sae_kwargs(raw: dict, path: Path) -> dict:
+    """TopKSAE keyword arguments from `raw`, checked; or an SAELoadError naming `path`.
 
     The one validation of an SAE's configuration, run before anything is allocated.
     """
     problems = [
         f"{key} must be a positive integer, got {raw.get(key)!r}"
         for key in ("d_in", "d_sae", "k")
-        if not (_integer(raw.get(key)) and raw[key] > 0)
+        if not (is_int(raw.get(key)) and raw[key] > 0)
     ]
     if not problems and not raw["k"] < raw["d_sae"]:
         problems.append(f"k={raw['k']} must be smaller than d_sae={raw['d_sae']}")
     layer = raw.get("layer")
-    if layer is not None and not (_integer(layer) and layer >= 0):
+    if layer is not None and not (is_int(layer) and layer >= 0):
         problems.append(f"layer must be a non-negative integer or null, got {layer!r}")
     for key in ("hookpoint", "base_model", "policy"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
             problems.append(f"{key} must be a string, got {raw[key]!r}")
     if problems:
-        raise SAELoadError(
-            f"{source}: {'; '.join(problems)}. Fix these settings or re-save the SAE."
-        )
+        raise SAELoadError(f"{path}: {'; '.join(problems)}. Fix these settings or re-save the SAE.")
     keys = ("d_in", "d_sae", "k", "layer", "hookpoint", "base_model", "policy")
     return {key: raw[key] for key in keys if raw.get(key) is not None}
 
 
-def _refuse(source: Path, flag: str, value, why: str) -> SAELoadError:
+def _refuse(path: Path, flag: str, value, why: str) -> SAELoadError:
+    """The error for a setting in `path` that changes the math in a way hub-sae does not run."""
     return SAELoadError(
-        f"{source}: {flag}={value!r} is not supported ({why}); hub-sae reads plain TopK SAEs only."
+        f"{path}: {flag}={value!r} is not supported ({why}); hub-sae reads plain TopK SAEs only."
     )
 
 
@@ -145,7 +141,7 @@ def _classify(path: Path) -> SAEFolder | None:
     else:
         return None
     for name, value in (("layer", found.layer), ("k", found.k)):
-        if value is not None and not (_integer(value) and value >= 0):
+        if value is not None and not (is_int(value) and value >= 0):
             raise SAELoadError(
                 f"{path}: {name} must be a non-negative integer, got {value!r}. Fix the file."
             )
@@ -160,6 +156,7 @@ def _saelens_field(cfg: dict, key: str):
 
 
 def _saelens_k(cfg: dict):
+    """k of a SAELens config: at the top (SAELens 6) or in activation_fn_kwargs (older)."""
     kwargs = cfg.get("activation_fn_kwargs")
     return cfg.get("k", kwargs.get("k") if isinstance(kwargs, dict) else None)
 
@@ -198,39 +195,41 @@ def _suite_defaults(root: Path) -> tuple[int | None, int | None]:
     return info.default_layer, info.default_k
 
 
-def select(found: list[SAEFolder], root: Path, layer: int | None, k: int | None) -> SAEFolder:
+def select(candidates: list[SAEFolder], root: Path, layer: int | None, k: int | None) -> SAEFolder:
     """Pick the SAE of `layer` and `k` (defaults: the suite's, else the only layer, smallest k)."""
-    if not found:
+    if not candidates:
         raise SAELoadError(
             f"No SAE found in {root}: expected suite.json + layer_{{L}}/config.json, config.json + "
             "model.safetensors, dictionary_learning trainer_*/config.json + ae.pt, or cfg.json + "
             "sae.safetensors / sae_weights.safetensors."
         )
-    layers = sorted({f.layer for f in found if f.layer is not None})
+    layers = sorted({f.layer for f in candidates if f.layer is not None})
     default_layer, default_k = _suite_defaults(root)
     if layer is None:
         layer = default_layer
-    if layer is None and len({f.layer for f in found}) > 1:
+    if layer is None and len({f.layer for f in candidates}) > 1:
         raise SAELoadError(f"{root} holds SAEs for layers {layers}; pass layer=... to pick one.")
     if layer is not None:
-        found = [f for f in found if f.layer == layer or (f.layer is None and len(layers) == 0)]
-        if not found:
+        candidates = [
+            f for f in candidates if f.layer == layer or (f.layer is None and len(layers) == 0)
+        ]
+        if not candidates:
             raise SAELoadError(f"No SAE for layer {layer} in {root}; available layers: {layers}.")
-    ks = sorted({f.k for f in found if f.k is not None})
+    ks = sorted({f.k for f in candidates if f.k is not None})
     if k is None and default_k in ks:
         k = default_k
     if k is not None:
-        found = [f for f in found if f.k == k]
-        if not found:
+        candidates = [f for f in candidates if f.k == k]
+        if not candidates:
             raise SAELoadError(f"No SAE with k={k} for layer {layer} in {root}; available k: {ks}.")
     elif ks:
-        found = [f for f in found if f.k == ks[0]]
-    if len(found) > 1:
-        folders = [str(f.folder.relative_to(root)) for f in found]
+        candidates = [f for f in candidates if f.k == ks[0]]
+    if len(candidates) > 1:
+        folders = [str(f.folder.relative_to(root)) for f in candidates]
         raise SAELoadError(
             f"Several SAEs match layer={layer}, k={k} in {root}: {folders}; pass subfolder=..."
         )
-    return found[0]
+    return candidates[0]
 
 
 def available_layers(
@@ -258,13 +257,13 @@ def load_sae(
     """Find the SAE of `layer` / `k` in a folder or hub repo (any layout) and read it."""
     root, snapshot = _metadata_root(repo_id_or_path, subfolder, hub)
     chosen = select(scan(root), root, layer, k)
-    weights = chosen.folder / WEIGHTS[chosen.kind]
+    weights = chosen.folder / WEIGHTS[chosen.layout]
     if snapshot is not None:
         rel = weights.relative_to(snapshot).as_posix()
         weights = (hub or HubOptions()).file(str(repo_id_or_path), rel)
     if not weights.is_file():
         raise SAELoadError(f"Missing weights file {weights} (expected beside {chosen.folder}/).")
-    return READERS[chosen.kind](chosen, weights)
+    return READERS[chosen.layout](chosen, weights)
 
 
 def _shapes_in_header(path: Path) -> dict[str, tuple[int, ...]]:
@@ -338,11 +337,13 @@ def _build(kwargs: dict, state: dict[str, Tensor], path: Path) -> TopKSAE:
 
 
 def read_hub_sae(found: SAEFolder, weights: Path) -> TopKSAE:
+    """Our own layout: TopKSAE's config.json and state dict as saved."""
     kwargs = sae_kwargs(found.config, found.folder / "config.json")
     return _build(kwargs, _read_safetensors(weights, _shapes(kwargs)), weights)
 
 
 def read_dictionary_learning(found: SAEFolder, weights: Path) -> TopKSAE:
+    """dictionary_learning's AutoEncoderTopK (DLM-Scope's releases): its decoder transposed."""
     config_path = found.folder / "config.json"
     trainer, buffer = found.config["trainer"], found.config.get("buffer") or {}
     flag = "dict_class" if "dict_class" in trainer else "trainer_class"
@@ -391,6 +392,7 @@ def read_dictionary_learning(found: SAEFolder, weights: Path) -> TopKSAE:
 
 
 def read_sparsify(found: SAEFolder, weights: Path) -> TopKSAE:
+    """sparsify's SparseCoder: the same tensor names as ours; the model from the run's config."""
     cfg, config_path = found.config, found.folder / "cfg.json"
     if cfg.get("activation", "topk") != "topk":
         raise _refuse(config_path, "activation", cfg["activation"], "group-max latents")
@@ -399,10 +401,10 @@ def read_sparsify(found: SAEFolder, weights: Path) -> TopKSAE:
             raise _refuse(config_path, flag, cfg[flag], "not an autoencoder of its input")
     d_in = cfg.get("d_in")
     d_sae = cfg.get("num_latents") or (
-        cfg.get("expansion_factor", 32) * d_in if _integer(d_in) else None
+        cfg.get("expansion_factor", 32) * d_in if is_int(d_in) else None
     )
-    run = found.folder.parent / "config.json"  # the run's TrainConfig, when the folder has one
-    model = _read_json(run).get("model") if run.is_file() else None
+    run_config = found.folder.parent / "config.json"  # the run's TrainConfig, when there is one
+    model = _read_json(run_config).get("model") if run_config.is_file() else None
     kwargs = sae_kwargs(
         dict(
             d_in=d_in,
@@ -418,6 +420,7 @@ def read_sparsify(found: SAEFolder, weights: Path) -> TopKSAE:
 
 
 def read_saelens(found: SAEFolder, weights: Path) -> TopKSAE:
+    """SAELens' TopK SAE, with its input-bias and decoder-norm options folded in exactly."""
     cfg, config_path = found.config, found.folder / "cfg.json"
     arch = cfg.get("architecture")
     if arch is None:  # before SAELens 6: activation_fn(_str) "topk" with activation_fn_kwargs

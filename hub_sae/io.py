@@ -2,12 +2,13 @@
 one rule that tells a local path from a hub repo id.
 
 - `write_atomic` / `write_json`: a temp file beside the target, fsync, rename; readers never see
-  half a file, and a crash leaves the old file in place.
+  half a file, and a crash leaves the old file in place. `write_folder` does the same for a folder.
 - `inside(root, name)`: `root / name` for a name read from a file or typed by a user, refusing
   absolute names, `..` and symlinks that lead out of `root`.
 - `local_path(source)`: an existing path is local, `owner/name` is a hub repo id, anything else is
   an error that says which it looked like and how to fix it.
 - `HubOptions`: the download arguments (revision, cache, token, offline) in one record.
+- `is_int(value)`: whether a value parsed from JSON is an integer (true and false are not).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
@@ -36,6 +39,11 @@ class UnsafePathError(ValueError):
     """A name read from a file or the command line points outside the folder it belongs to."""
 
 
+def is_int(value: object) -> bool:
+    """Whether `value` is an int and not a bool (JSON's true / false parse as bool, an int type)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def write_atomic(path: str | Path, data: bytes | str) -> Path:
     """Write `data` to `path` through a unique temp file + rename, so a reader never sees half a file."""
     path = Path(path)
@@ -55,6 +63,25 @@ def write_atomic(path: str | Path, data: bytes | str) -> Path:
 def write_json(path: str | Path, data: dict) -> Path:
     """`data` as indented, key-sorted JSON, written atomically."""
     return write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_folder(path: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Build a folder with `fill(tmp)` in an empty temp folder beside `path`, then rename it to
+    `path`, replacing any previous folder only once the new one is complete."""
+    path = Path(path)
+    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)  # only now: a failed rename leaves the old folder here
+    return path
 
 
 def inside(root: str | Path, name: str | Path) -> Path:

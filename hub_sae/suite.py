@@ -12,14 +12,12 @@ layer_{L}/k_{k}/...             the same, when a layer has several k
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from hub_sae.data import DataConfig
 from hub_sae.features import FEATURES_FILE, FeatureStats, save_features
-from hub_sae.io import inside, write_json
+from hub_sae.io import inside, is_int, write_folder, write_json
 from hub_sae.masking import POLICIES, Corruption
 from hub_sae.sae import TopKSAE
 
@@ -36,14 +34,11 @@ class SuiteError(ValueError):
     """A suite.json that cannot be read; the message names the file and the fix."""
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _int_list(name: str, value: object, minimum: int) -> list[int]:
+    """`value` as a sorted list of distinct integers >= `minimum`; a ValueError naming `name`."""
     if not isinstance(value, list) or not value:
         raise ValueError(f"`{name}` must be a non-empty list of integers, not {value!r}")
-    bad = [v for v in value if not _is_int(v) or v < minimum]
+    bad = [v for v in value if not is_int(v) or v < minimum]
     if bad:
         raise ValueError(f"`{name}` holds {bad!r}; every entry must be an integer >= {minimum}")
     if len(set(value)) != len(value):
@@ -51,7 +46,7 @@ def _int_list(name: str, value: object, minimum: int) -> list[int]:
     return sorted(value)
 
 
-def _check_training(run: dict) -> None:
+def _check_training(training: dict) -> None:
     """The run settings `hub-sae eval` reuses, when present, have usable types and values."""
     kinds = {
         "corpus": str,
@@ -60,14 +55,16 @@ def _check_training(run: dict) -> None:
         "text_field": str,
     }
     for key, kind in kinds.items():
-        if key in run and not isinstance(run[key], kind):
-            raise ValueError(f"`training.{key}` must be text, not {run[key]!r}")
+        if key in training and not isinstance(training[key], kind):
+            raise ValueError(f"`training.{key}` must be text, not {training[key]!r}")
     for key, minimum in (("ctx_len", 2), ("llm_batch_size", 1), ("eval_tokens", 1)):
-        if key in run and not (_is_int(run[key]) and run[key] >= minimum):
-            raise ValueError(f"`training.{key}` must be an integer >= {minimum}, not {run[key]!r}")
-    if run.get("dtype", DTYPES[0]) not in DTYPES:
+        if key in training and not (is_int(training[key]) and training[key] >= minimum):
+            raise ValueError(
+                f"`training.{key}` must be an integer >= {minimum}, not {training[key]!r}"
+            )
+    if training.get("dtype", DTYPES[0]) not in DTYPES:
         raise ValueError(
-            f"`training.dtype` must be one of {', '.join(DTYPES)}, not {run['dtype']!r}"
+            f"`training.dtype` must be one of {', '.join(DTYPES)}, not {training['dtype']!r}"
         )
 
 
@@ -83,19 +80,28 @@ class SuiteInfo:
     policy: str
     """Which positions the SAEs were trained on: mask, unmask, all or clean."""
     layers: list[int]
+    """Block indices with an SAE, sorted."""
     ks: list[int]
+    """The k of the SAEs every layer has, sorted."""
     d_in: int
+    """Width of the activations (the base model's hidden size)."""
     d_sae: int
+    """Latents per SAE."""
     hookpoint: str = "resid_post"
+    """Where in each block the activations are read."""
     corruption: Corruption = field(default_factory=Corruption)
+    """How the training text was masked."""
     default_layer: int | None = None
+    """The layer loaders pick when none is asked for."""
     default_k: int | None = None
+    """The k loaders pick when none is asked for."""
     training: dict = field(default_factory=dict)
     """The run's TrainConfig and totals (steps, tokens, ...), as written by the trainer."""
     version: int = SUITE_VERSION
+    """Schema version of suite.json (SUITE_VERSION when written)."""
 
     def __post_init__(self) -> None:
-        if not _is_int(self.version) or self.version > SUITE_VERSION:
+        if not is_int(self.version) or self.version > SUITE_VERSION:
             raise ValueError(
                 f"suite version {self.version!r} is newer than this hub-sae reads "
                 f"({SUITE_VERSION}); upgrade hub-sae: pip install -U hub-sae"
@@ -108,7 +114,7 @@ class SuiteInfo:
         self.layers = _int_list("layers", self.layers, 0)
         self.ks = _int_list("ks", self.ks, 1)
         for name in ("d_in", "d_sae"):
-            if not (_is_int(getattr(self, name)) and getattr(self, name) >= 1):
+            if not (is_int(getattr(self, name)) and getattr(self, name) >= 1):
                 raise ValueError(
                     f"`{name}` must be a positive integer, not {getattr(self, name)!r}"
                 )
@@ -116,11 +122,11 @@ class SuiteInfo:
             self.default_layer = self.layers[len(self.layers) // 2]
         if self.default_k is None:
             self.default_k = self.ks[0]
-        if self.default_layer not in self.layers or not _is_int(self.default_layer):
+        if self.default_layer not in self.layers or not is_int(self.default_layer):
             raise ValueError(
                 f"`default_layer` {self.default_layer!r} is not in `layers` {self.layers}"
             )
-        if self.default_k not in self.ks or not _is_int(self.default_k):
+        if self.default_k not in self.ks or not is_int(self.default_k):
             raise ValueError(f"`default_k` {self.default_k!r} is not in `ks` {self.ks}")
         if not isinstance(self.corruption, Corruption):
             raise ValueError(f"`corruption` must be a Corruption, not {self.corruption!r}")
@@ -129,9 +135,9 @@ class SuiteInfo:
         _check_training(self.training)
 
     @classmethod
-    def from_dict(cls, data: object, source: str | Path = SUITE_FILE) -> SuiteInfo:
+    def from_dict(cls, data: object, path: str | Path = SUITE_FILE) -> SuiteInfo:
         """Parse suite.json's content (unknown keys are ignored); a problem is a SuiteError naming
-        `source`."""
+        `path`."""
         known = {f.name for f in fields(cls)}
         try:
             if not isinstance(data, dict):
@@ -151,11 +157,12 @@ class SuiteInfo:
             return cls(**kwargs)
         except (TypeError, ValueError) as e:
             raise SuiteError(
-                f"{source} is not a valid hub-sae suite.json: {e}. Fix the file or train the "
+                f"{path} is not a valid hub-sae suite.json: {e}. Fix the file or train the "
                 "suite again."
             ) from None
 
     def to_dict(self) -> dict:
+        """suite.json's content."""
         return asdict(self)
 
     def folder(self, layer: int, k: int) -> str:
@@ -166,13 +173,13 @@ class SuiteInfo:
         self, corpus: str | None = None, split: str | None = None, seed: int = 0
     ) -> DataConfig:
         """The held-out text the trainer measured the suite on; `corpus` / `split` replace it."""
-        run, defaults = self.training, DataConfig()
+        training, defaults = self.training, DataConfig()
         return DataConfig(
-            corpus=corpus or run.get("eval_corpus") or run.get("corpus", defaults.corpus),
-            split=split or run.get("eval_split", "heldout"),
-            text_field=run.get("text_field", defaults.text_field),
-            ctx_len=run.get("ctx_len", defaults.ctx_len),
-            batch_size=run.get("llm_batch_size", defaults.batch_size),
+            corpus=corpus or training.get("eval_corpus") or training.get("corpus", defaults.corpus),
+            split=split or training.get("eval_split", "heldout"),
+            text_field=training.get("text_field", defaults.text_field),
+            ctx_len=training.get("ctx_len", defaults.ctx_len),
+            batch_size=training.get("llm_batch_size", defaults.batch_size),
             seed=seed,
         )
 
@@ -216,32 +223,25 @@ def save_suite(
     features: dict[tuple[int, int], FeatureStats] | None = None,
 ) -> Path:
     """Write a complete suite to `out_dir`, replacing any previous one only once it is complete."""
-    out_dir = Path(out_dir)
     expected = {(layer, k) for layer in info.layers for k in info.ks}
     if set(saes) != expected:
         raise ValueError(
             f"the SAEs {sorted(saes)} are not every (layer, k) of layers {info.layers} x ks {info.ks}"
         )
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for (layer, k), sae in saes.items():
-        folder = tmp / info.folder(layer, k)
-        folder.mkdir(parents=True)
-        (folder / "README.md").write_text(f"Layer {layer}, k={k}: see the suite's README.md.\n")
-        sae.save_pretrained(folder)
-        write_json(folder / "metrics.json", metrics.get((layer, k), {}))
-        if features and (layer, k) in features:
-            meta = {"policy": info.policy, "base_model": info.base_model}
-            save_features(folder / FEATURES_FILE, features[layer, k], meta)
-    write_json(tmp / SUITE_FILE, info.to_dict())
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+
+    def fill(tmp: Path) -> None:
+        for (layer, k), sae in saes.items():
+            folder = tmp / info.folder(layer, k)
+            folder.mkdir(parents=True)
+            (folder / "README.md").write_text(f"Layer {layer}, k={k}: see the suite's README.md.\n")
+            sae.save_pretrained(folder)
+            write_json(folder / "metrics.json", metrics.get((layer, k), {}))
+            if features and (layer, k) in features:
+                meta = {"policy": info.policy, "base_model": info.base_model}
+                save_features(folder / FEATURES_FILE, features[layer, k], meta)
+        write_json(tmp / SUITE_FILE, info.to_dict())
+
+    return write_folder(out_dir, fill)
 
 
 def layer_folders(root: str | Path, info: SuiteInfo | None = None) -> dict[tuple[int, int], Path]:

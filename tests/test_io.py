@@ -5,7 +5,16 @@ from pathlib import Path
 
 import pytest
 
-from hub_sae.io import UnsafePathError, inside, is_repo_id, local_path, write_atomic, write_json
+from hub_sae.io import (
+    UnsafePathError,
+    inside,
+    is_int,
+    is_repo_id,
+    local_path,
+    write_atomic,
+    write_folder,
+    write_json,
+)
 
 
 def test_write_atomic_replaces_the_whole_file_and_leaves_no_temp(tmp_path: Path) -> None:
@@ -17,6 +26,26 @@ def test_write_atomic_replaces_the_whole_file_and_leaves_no_temp(tmp_path: Path)
     with pytest.raises(TypeError):
         write_atomic(path, 12345)  # type: ignore[arg-type]  # fails while writing the temp file
     assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["metrics.json"]
+
+
+def test_write_folder_replaces_the_whole_folder_only_once_complete(tmp_path: Path) -> None:
+    out = tmp_path / "suite"
+    write_folder(out, lambda tmp: (tmp / "a.json").write_text("1"))
+    write_folder(out, lambda tmp: (tmp / "b.json").write_text("2"))
+    assert os.listdir(out) == ["b.json"]
+
+    def half_written(tmp: Path) -> None:
+        (tmp / "c.json").write_text("3")
+        raise RuntimeError("crash while writing")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        write_folder(out, half_written)
+    assert os.listdir(out) == ["b.json"] and os.listdir(tmp_path) == ["suite"]
+
+
+def test_is_int_refuses_bools_and_floats() -> None:
+    assert is_int(3) and is_int(0)
+    assert not any(is_int(v) for v in (True, False, 3.0, "3", None))
 
 
 def test_write_atomic_replaces_a_symlink_instead_of_writing_through_it(tmp_path: Path) -> None:
