@@ -63,6 +63,7 @@ def torch_device(name: str) -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    """`hub-sae eval`: re-measure every SAE of a suite and write its metrics."""
     from hub_sae.cards import SUMMARY_FILE, metric_table
     from hub_sae.evaluate import evaluate_saved_suite
 
@@ -77,6 +78,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _card(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`hub-sae card`: write the model card and plot of a suite or of a release."""
     from hub_sae.cards import PLOT_FILE, release_spec, suite_spec, write_card
 
     if args.release:
@@ -97,6 +99,7 @@ def _card(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
+    """`hub-sae push`: check a suite and upload it in one commit (or list it with --dry-run)."""
     from hub_sae.publish import check_publishable, format_file_list, push_suite, stray_files
 
     root = Path(args.suite)
@@ -114,15 +117,16 @@ def _push(args: argparse.Namespace) -> int:
         )
         print(format_file_list(files))
         return 0
-    info = push_suite(
+    commit = push_suite(
         root, args.repo_id, args.private, args.token, args.message, args.revision, args.create_pr
     )
-    where = f"pull request {info.pr_url}" if info.pr_url else f"one commit: {info.commit_url}"
+    where = f"pull request {commit.pr_url}" if commit.pr_url else f"one commit: {commit.commit_url}"
     print(f"pushed {root} to {args.repo_id} in {where}")
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
+    """`hub-sae export`: write SAELens or sparsify folders."""
     from hub_sae.export import export
 
     folders = export(args.source, args.format, args.out, args.layer, args.k)
@@ -133,6 +137,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `hub-sae` and its subcommands."""
     parser = argparse.ArgumentParser(
         prog="hub-sae", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -196,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `hub-sae` with `argv` (default: sys.argv); returns the exit status (1 on a user error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "card" and args.template is None:

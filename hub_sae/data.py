@@ -23,7 +23,10 @@ from hub_sae.io import local_path
 DEFAULT_CORPUS = "pydoc"
 LOCAL_SPLITS = ("train", "heldout")
 HELDOUT_EVERY = 10
+"""Every 10th document of pydoc and local corpora is held out."""
 SUFFIXES = (".txt", ".jsonl")
+SHUFFLE_BUFFER = 10_000
+"""Documents an HF dataset's streamed shuffle draws from."""
 
 
 @dataclass
@@ -41,7 +44,7 @@ class DataConfig:
     batch_size: int = 8
     """Contexts per batch."""
     seed: int = 0
-    """Shuffles the document order (HF datasets: a shuffle buffer of 10,000 documents)."""
+    """Shuffles the document order (HF datasets: within a buffer of SHUFFLE_BUFFER documents)."""
     max_docs: int | None = None
     """Read at most this many documents (after the split and the shuffle)."""
 
@@ -122,7 +125,7 @@ def _hf_texts(cfg: DataConfig) -> Iterator[str]:
         ) from None
     name, _, config = cfg.corpus.partition(":")
     rows = datasets.load_dataset(name, config or None, split=cfg.split, streaming=True)
-    rows = rows.shuffle(seed=cfg.seed, buffer_size=10_000)
+    rows = rows.shuffle(seed=cfg.seed, buffer_size=SHUFFLE_BUFFER)
     for row in islice(rows, cfg.max_docs):
         if cfg.text_field not in row:
             raise ValueError(

@@ -21,6 +21,7 @@ from hub_sae.sae import TopKSAE
 from hub_sae.suite import SUITE_FILE, layer_folders
 
 FORMATS = ("saelens", "sparsify")
+"""The layouts `export` writes."""
 # SAELens reads a config without metadata.sae_lens_version as pre-6.0 and drops its metadata.
 SAELENS_FORMAT_VERSION = "6.0.0"
 
@@ -40,6 +41,7 @@ def sparsify_hookpoint(sae: TopKSAE) -> str:
 
 
 def _folder_name(sae: TopKSAE, fmt: str) -> str:
+    """The SAE's folder in the `fmt` layout: its hook name there."""
     return saelens_hook_name(sae) if fmt == "saelens" else sparsify_hookpoint(sae)
 
 

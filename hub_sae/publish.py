@@ -42,11 +42,15 @@ class SuiteFile(NamedTuple):
     """One file of a suite as it will lie in the repo."""
 
     path_in_repo: str
+    """Its path in the repo (POSIX, relative to the suite folder)."""
     local_path: Path
+    """The file on disk."""
     size: int
+    """Bytes."""
 
 
-def _hidden(rel: Path) -> bool:
+def _is_hidden(rel: Path) -> bool:
+    """Whether a relative path is a hidden file or lies in a hidden folder (a name starting with '.')."""
     return any(part.startswith(".") for part in rel.parts)
 
 
@@ -56,7 +60,7 @@ def suite_files(root: str | Path) -> list[SuiteFile]:
     files = []
     for path in root.rglob("*"):
         rel = path.relative_to(root)
-        if path.is_file() and not path.is_symlink() and not _hidden(rel):
+        if path.is_file() and not path.is_symlink() and not _is_hidden(rel):
             files.append(SuiteFile(rel.as_posix(), path, path.stat().st_size))
     return sorted(files)
 
@@ -64,7 +68,9 @@ def suite_files(root: str | Path) -> list[SuiteFile]:
 def symlinks(root: str | Path) -> list[Path]:
     """Symbolic links inside `root` (not followed), which a push refuses to upload."""
     root = Path(root)
-    return sorted(p for p in root.rglob("*") if p.is_symlink() and not _hidden(p.relative_to(root)))
+    return sorted(
+        p for p in root.rglob("*") if p.is_symlink() and not _is_hidden(p.relative_to(root))
+    )
 
 
 def stray_files(root: str | Path, files: list[SuiteFile]) -> list[SuiteFile]:
@@ -157,7 +163,7 @@ def commit_operations(
 ) -> list[CommitOperationAdd | CommitOperationDelete]:
     """Upload every file of the suite; delete what the repo has beyond it (hidden files kept)."""
     local = {f.path_in_repo for f in files}
-    stale = sorted(p for p in repo_files if p not in local and not _hidden(Path(p)))
+    stale = sorted(p for p in repo_files if p not in local and not _is_hidden(Path(p)))
     return [
         *(CommitOperationAdd(f.path_in_repo, str(f.local_path)) for f in files),
         *(CommitOperationDelete(path) for path in stale),
