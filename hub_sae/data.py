@@ -114,25 +114,25 @@ def _local_documents(corpus: str, text_field: str) -> list[str]:
     return [doc for f in files for doc in _read_file(f, text_field)]
 
 
-def _hf_texts(cfg: DataConfig) -> Iterator[str]:
+def _hf_texts(data: DataConfig) -> Iterator[str]:
     """The documents of an HF dataset split, streamed through a seeded shuffle buffer."""
     try:
         import datasets
     except ImportError:
         raise ImportError(
-            f"corpus {cfg.corpus!r} is read as a Hugging Face dataset, which needs `datasets`: "
+            f"corpus {data.corpus!r} is read as a Hugging Face dataset, which needs `datasets`: "
             "pip install datasets"
         ) from None
-    name, _, config = cfg.corpus.partition(":")
-    rows = datasets.load_dataset(name, config or None, split=cfg.split, streaming=True)
-    rows = rows.shuffle(seed=cfg.seed, buffer_size=SHUFFLE_BUFFER)
-    for row in islice(rows, cfg.max_docs):
-        if cfg.text_field not in row:
+    name, _, config = data.corpus.partition(":")
+    rows = datasets.load_dataset(name, config or None, split=data.split, streaming=True)
+    rows = rows.shuffle(seed=data.seed, buffer_size=SHUFFLE_BUFFER)
+    for row in islice(rows, data.max_docs):
+        if data.text_field not in row:
             raise ValueError(
-                f"dataset {cfg.corpus!r} has no field {cfg.text_field!r} (fields: {', '.join(row)}); "
+                f"dataset {data.corpus!r} has no field {data.text_field!r} (fields: {', '.join(row)}); "
                 "set text_field to the field that holds the text."
             )
-        yield row[cfg.text_field]
+        yield row[data.text_field]
 
 
 def pydoc_documents(max_chars: int = 2000) -> list[str]:
@@ -156,33 +156,33 @@ def pydoc_documents(max_chars: int = 2000) -> list[str]:
     return list(dict.fromkeys(docs))  # some topics repeat text: keep it on one side of the split
 
 
-def iter_texts(cfg: DataConfig) -> Iterator[str]:
-    """The documents of `cfg.corpus`'s split, in an order shuffled by `cfg.seed`.
+def iter_texts(data: DataConfig) -> Iterator[str]:
+    """The documents of `data.corpus`'s split, in an order shuffled by `data.seed`.
 
     pydoc and local corpora are read in full here, so a missing file or an empty split fails at
     once; an HF dataset is streamed.
     """
-    if not is_local_corpus(cfg.corpus):
-        return _hf_texts(cfg)
-    if cfg.split not in LOCAL_SPLITS:
+    if not is_local_corpus(data.corpus):
+        return _hf_texts(data)
+    if data.split not in LOCAL_SPLITS:
         raise ValueError(
-            f"split {cfg.split!r} is not one of {', '.join(LOCAL_SPLITS)} (those of {cfg.corpus!r})."
+            f"split {data.split!r} is not one of {', '.join(LOCAL_SPLITS)} (those of {data.corpus!r})."
         )
-    if cfg.corpus == DEFAULT_CORPUS:
+    if data.corpus == DEFAULT_CORPUS:
         docs = pydoc_documents()
     else:
-        docs = _local_documents(cfg.corpus, cfg.text_field)
-    heldout = cfg.split == "heldout"
+        docs = _local_documents(data.corpus, data.text_field)
+    heldout = data.split == "heldout"
     docs = [
         doc for i, doc in enumerate(docs) if (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) == heldout
     ]
     if not docs:
         raise ValueError(
-            f"corpus {cfg.corpus!r} holds no document in split {cfg.split!r} "
+            f"corpus {data.corpus!r} holds no document in split {data.split!r} "
             f"(every {HELDOUT_EVERY}th document is held out); give it more text."
         )
-    random.Random(cfg.seed).shuffle(docs)
-    return iter(docs[: cfg.max_docs])
+    random.Random(data.seed).shuffle(docs)
+    return iter(docs[: data.max_docs])
 
 
 def pack(
@@ -206,15 +206,15 @@ def pack(
 
 
 def token_batches(
-    cfg: DataConfig, tokenizer, bos_token_id: int, eos_token_id: int, skip_batches: int = 0
+    data: DataConfig, tokenizer, bos_token_id: int, eos_token_id: int, skip_batches: int = 0
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """One pass over the corpus as (input_ids, attention_mask), both [batch_size, ctx_len] long.
 
     The final partial batch is dropped. `skip_batches` fast-forwards past that many batches (to
     resume); call again with another seed for the next epoch.
     """
-    contexts = pack(iter_texts(cfg), tokenizer, cfg.ctx_len, bos_token_id, eos_token_id)
-    contexts = islice(contexts, skip_batches * cfg.batch_size, None)
-    while len(rows := list(islice(contexts, cfg.batch_size))) == cfg.batch_size:
+    contexts = pack(iter_texts(data), tokenizer, data.ctx_len, bos_token_id, eos_token_id)
+    contexts = islice(contexts, skip_batches * data.batch_size, None)
+    while len(rows := list(islice(contexts, data.batch_size))) == data.batch_size:
         input_ids = torch.stack(rows)
         yield input_ids, torch.ones_like(input_ids)

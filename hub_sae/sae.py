@@ -153,6 +153,7 @@ class _TopKEncoder(torch.autograd.Function):
         k_aux: int = 0,
         block: bool = False,
     ):
+        """(top-k activations, their indices, AuxK's values, AuxK's indices)."""
         sae_in = x - b_dec
         pre_acts = F.linear(sae_in, weight, bias)
         values, indices = pre_acts.topk(k, dim=-1, sorted=False)
@@ -166,6 +167,7 @@ class _TopKEncoder(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_acts, _grad_indices, grad_aux, _grad_aux_indices):  # type: ignore[override]
+        """Gradients of x, b_dec, weight and bias, touching only the selected latents' rows."""
         sae_in, weight, indices, values, aux_indices, aux_values = ctx.saved_tensors
         need_x, need_b_dec, need_weight, need_bias = ctx.needs_input_grad[:4]
         n_rows = weight.shape[0]
@@ -207,12 +209,14 @@ class _Decode(torch.autograd.Function):
     def forward(
         ctx, weight: Tensor, acts: Tensor, indices: Tensor, aux_acts: Tensor, aux_indices: Tensor
     ):  # type: ignore[override]
+        """(decoded top k, decoded AuxK selection), both without b_dec."""
         ctx.save_for_backward(weight, acts, indices, aux_acts, aux_indices)
         ctx.set_materialize_grads(False)
         return _decode(weight, acts, indices), _decode(weight, aux_acts, aux_indices)
 
     @staticmethod
     def backward(ctx, grad: Tensor | None, grad_aux: Tensor | None):  # type: ignore[override]
+        """Gradients of weight, acts and aux_acts; the weight's is one sum over selected rows."""
         weight, acts, indices, aux_acts, aux_indices = ctx.saved_tensors
         grad = grad.contiguous() if grad is not None else acts.new_zeros(len(acts), weight.shape[1])
         grad_aux = grad_aux if grad_aux is not None else torch.zeros_like(grad)

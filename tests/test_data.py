@@ -45,12 +45,12 @@ def test_pack_joins_documents_with_eos_after_one_bos(tokenizer) -> None:
 
 
 def test_token_batches_shape_and_resume(tokenizer) -> None:
-    cfg = DataConfig(ctx_len=32, batch_size=4, max_docs=20)
-    batches = list(token_batches(cfg, tokenizer, BOS, EOS))
+    data = DataConfig(ctx_len=32, batch_size=4, max_docs=20)
+    batches = list(token_batches(data, tokenizer, BOS, EOS))
     assert len(batches) > 3
     for ids, mask in batches:
         assert ids.shape == mask.shape == (4, 32) and mask.all() and (ids[:, 0] == BOS).all()
-    skipped = list(token_batches(cfg, tokenizer, BOS, EOS, skip_batches=2))
+    skipped = list(token_batches(data, tokenizer, BOS, EOS, skip_batches=2))
     assert len(skipped) == len(batches) - 2
     assert all((a[0] == b[0]).all() for a, b in zip(skipped, batches[2:], strict=False))
 

@@ -109,6 +109,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x: Tensor) -> Tensor:
+        """x / rms(x) * weight, in x's dtype."""
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
@@ -167,6 +168,7 @@ class LLaDABlock(nn.Module):
         return self.attn_out(out.transpose(1, 2).reshape(B, T, -1))
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None = None) -> Tensor:
+        """The block's output (resid_post) for input x [B, T, d]."""
         x = x + self.attention(self.attn_norm(x), rope, mask)
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
