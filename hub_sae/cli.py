@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 def resolve_suite(suite: str, local_dir: str | None = None, revision: str | None = None) -> Path:
-    """A local suite folder, downloading hub repo `suite` into `local_dir` (default ./NAME) first."""
+    """A local suite folder; a hub repo `suite` is downloaded to `local_dir` (default ./NAME)."""
     from hub_sae.io import HubOptions, local_path
 
     path = local_path(suite)
@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run `hub-sae` with `argv` (default: sys.argv); returns the exit status (1 on a user error)."""
+    """Run `hub-sae` on `argv` (default: sys.argv); the exit status is 1 on a user error."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "card" and args.template is None:

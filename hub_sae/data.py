@@ -34,9 +34,11 @@ class DataConfig:
     """Where the text comes from and how it is cut into batches."""
 
     corpus: str = DEFAULT_CORPUS
-    """'pydoc' (embedded), a local .txt/.jsonl file or a folder of them, or an HF dataset 'name' or 'name:config' (streamed)."""
+    """'pydoc' (embedded), a local .txt/.jsonl file or a folder of them, or an HF dataset 'name'
+    or 'name:config' (streamed)."""
     split: str = "train"
-    """'train' or 'heldout' for pydoc and local files (every 10th document is held out); the split name for HF datasets."""
+    """'train' or 'heldout' for pydoc and local files (every 10th document is held out); the
+    split name for HF datasets."""
     text_field: str = "text"
     """The field holding the text in .jsonl lines and HF dataset rows."""
     ctx_len: int = 128
@@ -94,7 +96,8 @@ def _read_file(path: Path, text_field: str) -> list[str]:
             ) from None
         if not isinstance(row, dict) or text_field not in row:
             raise ValueError(
-                f"{path}:{number} has no field {text_field!r}; set text_field to the field that holds the text."
+                f"{path}:{number} has no field {text_field!r}; set text_field to the field that "
+                "holds the text."
             )
         docs.append(str(row[text_field]))
     return docs
@@ -129,8 +132,8 @@ def _hf_texts(data: DataConfig) -> Iterator[str]:
     for row in islice(rows, data.max_docs):
         if data.text_field not in row:
             raise ValueError(
-                f"dataset {data.corpus!r} has no field {data.text_field!r} (fields: {', '.join(row)}); "
-                "set text_field to the field that holds the text."
+                f"dataset {data.corpus!r} has no field {data.text_field!r} "
+                f"(fields: {', '.join(row)}); set text_field to the field that holds the text."
             )
         yield row[data.text_field]
 
@@ -166,7 +169,8 @@ def iter_texts(data: DataConfig) -> Iterator[str]:
         return _hf_texts(data)
     if data.split not in LOCAL_SPLITS:
         raise ValueError(
-            f"split {data.split!r} is not one of {', '.join(LOCAL_SPLITS)} (those of {data.corpus!r})."
+            f"split {data.split!r} is not one of {', '.join(LOCAL_SPLITS)} "
+            f"(those of {data.corpus!r})."
         )
     if data.corpus == DEFAULT_CORPUS:
         docs = pydoc_documents()

@@ -113,25 +113,27 @@ WRITERS: dict[str, Callable[[TopKSAE, Path], None]] = {
 }
 
 
-def _load(source: str | Path, layer: int | None, k: int | None) -> dict[tuple[int, int], TopKSAE]:
-    """{(layer, k): SAE}: every SAE of a local suite, else the one SAE that `source` names."""
-    path = Path(source).expanduser()
+def _load(
+    repo_id_or_path: str | Path, layer: int | None, k: int | None
+) -> dict[tuple[int, int], TopKSAE]:
+    """{(layer, k): SAE}: every SAE of a local suite, else the one SAE `repo_id_or_path` names."""
+    path = Path(repo_id_or_path).expanduser()
     if (path / SUITE_FILE).is_file() and layer is None and k is None:
         saes = {key: TopKSAE.from_pretrained(folder) for key, folder in layer_folders(path).items()}
     else:
-        sae = TopKSAE.from_pretrained(source, layer=layer, k=k)
+        sae = TopKSAE.from_pretrained(repo_id_or_path, layer=layer, k=k)
         saes = {(sae.layer, sae.k): sae}
     return dict(sorted(saes.items(), key=lambda item: (item[0][1], item[0][0] or 0)))
 
 
 def export(
-    source: str | Path,
+    repo_id_or_path: str | Path,
     fmt: str,
     out: str | Path,
     layer: int | None = None,
     k: int | None = None,
 ) -> list[Path]:
-    """Write the SAE(s) of `source` (a suite, an SAE folder or a hub repo) to `out` in `fmt`.
+    """Write the SAE(s) of a suite, an SAE folder or a hub repo to `out` in the layout `fmt`.
 
     A suite exports whole unless `layer` or `k` picks one SAE. Returns the SAE folders written.
     """
@@ -140,7 +142,7 @@ def export(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} already exists and is not empty; remove it or pick another.")
-    saes = _load(source, layer, k)
+    saes = _load(repo_id_or_path, layer, k)
     several_k = len({sae_k for _, sae_k in saes}) > 1
     written: list[Path] = []
 

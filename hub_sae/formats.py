@@ -6,8 +6,8 @@ Layouts (each a folder holding one SAE), read as each library's current save cod
 - dictionary_learning:  config.json ({"trainer": {...}, "buffer": {...}}) + ae.pt, dict_class
                         AutoEncoderTopK (DLM-Scope release:
                         saes_{policy}_{model}_top_k/resid_post_layer_{L}/trainer_{i}/).
-- sparsify 1.3:         `<hookpoint>/cfg.json` + sae.safetensors (`save_to_disk`), activation "topk";
-                        the run's config.json beside the hookpoint folders names the model.
+- sparsify 1.3:         `<hookpoint>/cfg.json` + sae.safetensors (`save_to_disk`), activation
+                        "topk"; the run's config.json beside the hookpoint folders names the model.
 - SAELens 6:            cfg.json + sae_weights.safetensors (`save_model`), architecture "topk";
                         model and hook names under cfg["metadata"] (older configs: at the top).
 Everything that would change the math and is not folded in exactly (SAELens'
@@ -376,7 +376,7 @@ def read_dictionary_learning(found: SAEFolder, weights: Path) -> TopKSAE:
         "decoder.weight": (d_in, d_sae),
         "b_dec": (d_in,),
     }
-    # `threshold` only serves encode(use_threshold=True), which AutoEncoderTopK's forward never uses.
+    # `threshold` only serves encode(use_threshold=True), which AutoEncoderTopK.forward never uses.
     _check_shapes(
         weights, {n: tuple(t.shape) for n, t in state.items()}, expected, ("k", "threshold")
     )

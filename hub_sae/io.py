@@ -45,7 +45,7 @@ def is_int(value: object) -> bool:
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> Path:
-    """Write `data` to `path` through a unique temp file + rename, so a reader never sees half a file."""
+    """Write `data` to `path` through a unique temp file + rename: no reader sees half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
@@ -148,9 +148,9 @@ def local_path(source: str | Path) -> Path | None:
     if is_repo_id(text):
         return None
     raise FileNotFoundError(
-        f"{text!r} is neither an existing local path (no such file or folder in {Path.cwd()}) nor a "
-        "hub repo id (those read owner/name). Give an existing path, e.g. ./runs/NAME, or the "
-        "full repo id."
+        f"{text!r} is neither an existing local path (no such file or folder in {Path.cwd()}) "
+        "nor a hub repo id (those read owner/name). Give an existing path, e.g. ./runs/NAME, or "
+        "the full repo id."
     )
 
 
@@ -173,7 +173,7 @@ class HubOptions:
         allow_patterns: list[str] | None = None,
         local_dir: str | Path | None = None,
     ) -> Path:
-        """The files of `repo_id` matching `allow_patterns`, downloaded (or cached) into a folder."""
+        """The files of `repo_id` matching `allow_patterns`, downloaded (or cached), as a folder."""
         try:
             folder = snapshot_download(
                 repo_id, allow_patterns=allow_patterns, local_dir=local_dir, **asdict(self)

@@ -30,7 +30,8 @@ class Corruption:
     """How clean tokens are replaced by the mask token."""
 
     schedule: str = "dlm_scope"
-    """dlm_scope: one p ~ U[t_min, t_max] per batch; llada: per sequence t ~ U(0,1), p = (1 - eps) t + eps."""
+    """dlm_scope: one p ~ U[t_min, t_max] per batch; llada: per sequence t ~ U(0, 1) and
+    p = (1 - eps) t + eps."""
     t_min: float = 0.05
     """Lowest mask probability of the dlm_scope schedule."""
     t_max: float = 0.50
@@ -41,7 +42,8 @@ class Corruption:
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(
-                f"unknown corruption schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}."
+                f"unknown corruption schedule {self.schedule!r}; "
+                f"choose one of {', '.join(SCHEDULES)}."
             )
         if not 0.0 <= self.t_min <= self.t_max <= 1.0:
             raise ValueError(

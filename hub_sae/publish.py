@@ -50,7 +50,7 @@ class SuiteFile(NamedTuple):
 
 
 def _is_hidden(rel: Path) -> bool:
-    """Whether a relative path is a hidden file or lies in a hidden folder (a name starting with '.')."""
+    """Whether a relative path is hidden or lies in a hidden folder (a name starting with '.')."""
     return any(part.startswith(".") for part in rel.parts)
 
 

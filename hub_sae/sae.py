@@ -48,7 +48,7 @@ class ForwardOutput(NamedTuple):
 
 
 def _tokens(indices: Tensor, first: int = 0) -> Tensor:
-    """The token (row) of each entry of `indices` [N, K], flattened, counting tokens from `first`."""
+    """The token (row) of each entry of `indices` [N, K], flattened; tokens count from `first`."""
     n, k = indices.shape
     return torch.arange(first, first + n, device=indices.device).repeat_interleave(k)
 
@@ -56,7 +56,7 @@ def _tokens(indices: Tensor, first: int = 0) -> Tensor:
 WEIGHT_GRAD_PATHS = ("embedding_bag", "index_add")
 """The two kernels `_scatter_rows` can use (docs/design-notes.md)."""
 weight_grad_path: dict[str, str] = {"cpu": "embedding_bag", "cuda": "embedding_bag"}
-"""The `_scatter_rows` kernel per device type; benchmarks/train_step.py --weight-grad measures both."""
+"""The `_scatter_rows` kernel per device type (`benchmarks/train_step.py --weight-grad`)."""
 INDEX_ADD_CHUNK = 1 << 16
 """Pairs per `index_add_` call: bounds its [chunk, d] temporary."""
 
@@ -110,7 +110,7 @@ def _gather_dot(indices: Tensor, table: Tensor, rows: Tensor) -> Tensor:
 
 
 def _decode(weight: Tensor, acts: Tensor, indices: Tensor) -> Tensor:
-    """sum_j acts[n, j] weight[indices[n, j]]; 1-D `indices`: acts is a dense block over those rows."""
+    """sum_j acts[n, j] weight[indices[n, j]]; for 1-D `indices`, acts is a block over those."""
     if indices.dim() == 1:
         return acts @ weight.index_select(0, indices)
     if indices.shape[1] == 0:
@@ -166,7 +166,9 @@ class _TopKEncoder(torch.autograd.Function):
         return values.relu(), indices, aux_values, aux_indices
 
     @staticmethod
-    def backward(ctx, grad_acts, _grad_indices, grad_aux, _grad_aux_indices):  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx, grad_acts, _grad_indices, grad_aux, _grad_aux_indices
+    ):
         """Gradients of x, b_dec, weight and bias, touching only the selected latents' rows."""
         sae_in, weight, indices, values, aux_indices, aux_values = ctx.saved_tensors
         need_x, need_b_dec, need_weight, need_bias = ctx.needs_input_grad[:4]
@@ -319,7 +321,7 @@ class TopKSAE(
     def forward(
         self, x: Tensor, dead_mask: Tensor | None = None, k_aux: int | None = None
     ) -> ForwardOutput:
-        """Encode, decode and score a batch `x` [N, d_in]; AuxK loss over `dead_mask` [d_sae] latents."""
+        """Encode, decode and score a batch `x` [N, d_in]; AuxK over the `dead_mask` latents."""
         x = x.to(self.dtype)
         dead = None if dead_mask is None else dead_mask.nonzero().squeeze(-1)
         if dead is not None:
@@ -351,7 +353,7 @@ class TopKSAE(
 
     @torch.no_grad()
     def match_scale(self, x: Tensor) -> float:
-        """Scale the encoder so that the reconstruction of `x` [N, d_in] lies as far from b_dec as `x`.
+        """Scale the encoder so that the reconstruction of `x` [N, d_in] is as far from b_dec as x.
 
         Call it once before training (encoder bias still 0, b_dec set): with unit-norm encoder rows
         the k largest activations can overshoot the input and the first steps diverge
@@ -383,7 +385,7 @@ class TopKSAE(
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:
-        """Make an SAE trained on x / scale take raw x: latents and biases scale, W_dec stays unit-norm."""
+        """Make an SAE trained on x / scale take raw x (biases scale; W_dec stays unit-norm)."""
         self.encoder.bias.mul_(scale)
         self.b_dec.mul_(scale)
 
@@ -404,10 +406,11 @@ class TopKSAE(
         """Load one SAE from a hub repo or a local folder in any supported layout.
 
         Layouts: our suite (suite.json + layer_{L}/), a single SAE folder (config.json +
-        model.safetensors), DLM-Scope / dictionary_learning (saes_*/resid_post_layer_{L}/trainer_*/ae.pt),
-        sparsify (cfg.json + sae.safetensors) and SAELens (cfg.json + sae_weights.safetensors).
-        `layer` picks a layer (default: the suite's default layer); `k` picks among SAEs of one layer
-        trained with different k (default: the smallest). Remote repos download only the chosen folder.
+        model.safetensors), DLM-Scope / dictionary_learning
+        (saes_*/resid_post_layer_{L}/trainer_*/ae.pt), sparsify (cfg.json + sae.safetensors) and
+        SAELens (cfg.json + sae_weights.safetensors). `layer` picks a layer (default: the suite's
+        default layer); `k` picks among SAEs of one layer trained with different k (default: the
+        suite's default k, else the smallest). Remote repos download only the chosen folder.
         """
         from hub_sae.formats import load_sae
         from hub_sae.io import HubOptions

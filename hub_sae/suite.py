@@ -1,7 +1,7 @@
 """The published suite layout and its schema `SuiteInfo`: written once by the trainer, read by all.
 
-suite.json                      SuiteInfo: {version, base_model, policy, hookpoint, d_in, d_sae, layers,
-                                ks, default_layer, default_k, corruption, training}
+suite.json                      SuiteInfo: {version, base_model, policy, hookpoint, d_in, d_sae,
+                                layers, ks, default_layer, default_k, corruption, training}
 layer_{L}/config.json           TopKSAE kwargs            (one k per layer)
 layer_{L}/model.safetensors
 layer_{L}/metrics.json
@@ -226,7 +226,8 @@ def save_suite(
     expected = {(layer, k) for layer in info.layers for k in info.ks}
     if set(saes) != expected:
         raise ValueError(
-            f"the SAEs {sorted(saes)} are not every (layer, k) of layers {info.layers} x ks {info.ks}"
+            f"the SAEs {sorted(saes)} are not every (layer, k) of layers {info.layers} "
+            f"x ks {info.ks}"
         )
 
     def fill(tmp: Path) -> None:

@@ -78,7 +78,7 @@ def ids(*shape: int) -> torch.Tensor:
 
 
 def reference_rope(x: torch.Tensor, theta: float) -> torch.Tensor:
-    """Turn each pair (x[i], x[i + hd/2]) at position t by t / theta^(2i/hd), as a complex number."""
+    """Turn each pair (x[i], x[i + hd/2]) at position t by t / theta^(2i/hd), as complex numbers."""
     hd, T = x.shape[-1], x.shape[-2]
     z = torch.complex(x[..., : hd // 2].double(), x[..., hd // 2 :].double())
     freq = theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
@@ -230,7 +230,7 @@ def test_forward_hook_on_a_block_replaces_resid_post():
 
 
 def edit_shard(path: Path, name: str, edit) -> str:
-    """Apply `edit` to the tensors of the shard holding `name`, in place; return the shard's name."""
+    """Apply `edit` to the tensors of the shard holding `name`, in place; returns the shard name."""
     shard = path / json.loads((path / INDEX_FILE).read_text())["weight_map"][name]
     tensors = load_file(shard)
     edit(tensors)

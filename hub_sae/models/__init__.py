@@ -1,4 +1,4 @@
-"""Base models: one small record of what hub-sae needs from any model, and the loader that picks one.
+"""Base models: a small record of what hub-sae needs from any model, and the loader that picks one.
 
 LLaDA checkpoints load with the native code of `llada.py`; every other model (the embedded MiniLM
 default, any Hugging Face masked LM or encoder) with transformers, in `hf.py`.

@@ -31,8 +31,8 @@ def load_hf(
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.mask_token_id is None:
         raise ValueError(
-            f"the tokenizer of {name_or_path} has no mask token; hub-sae needs a masked (diffusion) "
-            "language model or an encoder trained with a [MASK] token"
+            f"the tokenizer of {name_or_path} has no mask token; hub-sae needs a masked "
+            "(diffusion) language model or an encoder trained with a [MASK] token"
         )
     model, has_lm_head = _load_model(path, dtype)
     model = model.to(device).eval().requires_grad_(False)
