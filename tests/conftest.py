@@ -31,7 +31,7 @@ TINY_RUN = dict(
 @pytest.fixture(scope="session")
 def trained_suite(tmp_path_factory) -> Path:
     """A complete suite (no card yet) trained by the real trainer, in-process, once per session."""
-    from training.trainer import TrainConfig, train
+    from hub_sae.training import TrainConfig, train
 
     out = tmp_path_factory.mktemp("runs")
     return train(TrainConfig(output_dir=str(out), **TINY_RUN))
