@@ -301,10 +301,10 @@ def finish(run: Run, train_seconds: float) -> Path | None:
     """Gather the SAEs on process 0, evaluate them, scan top contexts and write the suite."""
     cfg, acc, base = run.cfg, run.accelerator, run.base
     dead = dead_shares(run)
-    held = [list(run.saes.saes)]
+    held = [process_memory(run)]
     if acc.num_processes > 1:
         held = [None] * acc.num_processes
-        dist.all_gather_object(held, list(run.saes.saes))
+        dist.all_gather_object(held, process_memory(run))
     final = collect(
         run.saes, run.owner, lambda key: SAESet(cfg, base.d_model, base.name, [key]).sae(*key), acc
     )
@@ -329,7 +329,7 @@ def finish(run: Run, train_seconds: float) -> Path | None:
     training = {
         "processes": acc.num_processes,
         "distribute": run.mode,
-        "saes_by_process": held,
+        "held_by_process": held,
         "train_seconds": round(train_seconds, 1),
     }
     acc.print(f"writing the suite to {Path(cfg.output_dir) / cfg.name} ...")
@@ -344,6 +344,16 @@ def finish(run: Run, train_seconds: float) -> Path | None:
     acc.print(summary_table(metrics))
     acc.print(f"suite written to {out_dir}")
     return out_dir
+
+
+def process_memory(run: Run) -> dict:
+    """What this process holds: its SAEs, their weights' and Adam state's bytes (checks the plan)."""
+    adam = [t for state in run.optimizer.state.values() for t in state.values()]
+    return {
+        "saes": list(run.saes.saes),
+        "weight_bytes": sum(p.numel() * p.element_size() for p in run.saes.parameters()),
+        "adam_bytes": sum(t.numel() * t.element_size() for t in adam),
+    }
 
 
 def suite_info(cfg: TrainConfig, base: BaseModel, state: TrainState, training: dict) -> dict:

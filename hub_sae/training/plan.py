@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from hub_sae.models import DEFAULT_MODEL, is_llada
 from hub_sae.training.config import DISTRIBUTE, TrainConfig
@@ -65,6 +67,23 @@ def _config_json(name: str) -> Path | None:
     return None
 
 
+def _hf_model(config, folder: Path) -> torch.nn.Module:
+    """The module `load_hf` ends up with: the masked-LM model, or its encoder when the checkpoint's
+    weights (their names, read from the safetensors header only) hold no head."""
+    try:
+        model = AutoModelForMaskedLM.from_config(config)
+    except ValueError:  # no masked-LM class for this architecture
+        return AutoModel.from_config(config)
+    weights = folder / "model.safetensors"
+    if weights.is_file():
+        prefix = model.base_model_prefix + "."
+        head = {name for name, _ in model.named_parameters() if not name.startswith(prefix)}
+        with safe_open(weights, "pt") as f:
+            if head.isdisjoint(f.keys()):
+                return model.base_model
+    return model
+
+
 def model_shape(name: str) -> ModelShape:
     """Parameters, width and depth of `name`, counted on the meta device (no weights)."""
     path = _config_json(name)
@@ -81,10 +100,8 @@ def model_shape(name: str) -> ModelShape:
             model = LLaDAModelLM(config)
             d_model, n_layers = config.d_model, config.n_layers
         else:
-            from transformers import AutoConfig, AutoModel
-
             config = AutoConfig.from_pretrained(path.parent)
-            model = AutoModel.from_config(config)
+            model = _hf_model(config, path.parent)
             d_model, n_layers = config.hidden_size, config.num_hidden_layers
     return ModelShape(sum(p.numel() for p in model.parameters()), d_model, n_layers)
 
