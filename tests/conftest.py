@@ -9,6 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -80,3 +81,18 @@ def finish(proc: subprocess.Popen, timeout: float = 300, ok: bool = True) -> str
     out, _ = proc.communicate(timeout=timeout)
     assert (proc.returncode == 0) == ok, out[-4000:]
     return out
+
+
+def workers(proc: subprocess.Popen) -> list[Path]:
+    """/proc folders of the launcher's child processes."""
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    return [Path(f"/proc/{pid}") for pid in children]
+
+
+def wait_gone(processes: list[Path], timeout: float = 20) -> None:
+    """Wait until each process has exited (a zombie counts: it holds no files, no lock)."""
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        while process.exists() and (process / "stat").read_text().split()[2] != "Z":
+            assert time.monotonic() < deadline, f"{process} outlived its launcher"
+            time.sleep(0.2)

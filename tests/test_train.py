@@ -21,7 +21,7 @@ from hub_sae.training.loop import lr_schedule
 from hub_sae.training.plan import model_shape, plan, plan_mode
 from hub_sae.training.saes import SAESet, geometric_median, owners
 from hub_sae.training.stream import ActivationStream
-from tests.conftest import ROOT, TINY_RUN, finish, launch
+from tests.conftest import ROOT, TINY_RUN, finish, launch, wait_gone, workers
 
 
 def test_suite_is_complete_and_loads(trained_suite: Path) -> None:
@@ -266,15 +266,11 @@ def test_second_run_of_a_name_is_refused_and_a_killed_launcher_stops_training(
         time.sleep(0.2)
     with pytest.raises(RuntimeError, match="'tiny-mask' is already running .* pick another --name"):
         train(TrainConfig(output_dir=str(out), **TINY_RUN))
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    children = workers(proc)
     assert len(children) == 1
     proc.kill()  # the launcher only, as a closed terminal or a killed job would
     proc.wait()
-    child = Path(f"/proc/{children[0]}")
-    deadline = time.monotonic() + 15
-    while child.exists() and "Z" not in (child / "stat").read_text().split()[2]:
-        assert time.monotonic() < deadline, "the training process outlived its launcher"
-        time.sleep(0.2)
+    wait_gone(children, timeout=15)
 
 
 @pytest.mark.slow

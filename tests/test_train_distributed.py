@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from hub_sae.suite import validate_suite
 from hub_sae.training import TrainConfig, train
 from hub_sae.training.plan import plan
-from tests.conftest import TINY_RUN, finish, launch
+from tests.conftest import TINY_RUN, finish, launch, wait_gone, workers
 
 RUN = dict(total_tokens=8192, checkpoint_every=2, eval_tokens=512, feature_tokens=512)
 """16 steps of 2 x 256 activations, a checkpoint every 2."""
@@ -75,8 +75,10 @@ def test_sigkill_during_modules_run_then_resume_equals_uninterrupted(
         assert proc.poll() is None, proc.communicate()[0][-4000:]
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.1)
+    children = workers(proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    wait_gone(children)  # torchrun starts its workers in their own sessions: they see it go
     assert not (out / TINY_RUN["name"]).exists()
     for step in checkpoints.glob("step_*"):  # whatever is visible is whole
         assert {p.name for p in step.iterdir()} == {"trainer.pt", "rank_0.pt", "rank_1.pt"}
