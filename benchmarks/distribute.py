@@ -50,7 +50,10 @@ def run(mode: str, out: Path) -> dict:
         *(str(ROOT / "training" / "train.py"), *args),
     ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
+    with open(out / "log.txt", "w") as log:  # a file, not a pipe: the progress bars never block
+        done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise RuntimeError((out / "log.txt").read_text()[-3000:])
     return json.loads((out / RUN["name"] / "suite.json").read_text())["training"]
 
 

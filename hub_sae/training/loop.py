@@ -44,8 +44,7 @@ from hub_sae.training.saes import (
     collect,
     initialise,
     input_scale,
-    owners,
-    sae_numel,
+    placement,
     share_batch,
 )
 from hub_sae.training.stream import ActivationStream
@@ -129,66 +128,63 @@ def setup(cfg: TrainConfig, base: BaseModel, accelerator: Accelerator, resume: b
     """This process's SAEs, optimizer, schedule and stream, started fresh or from a checkpoint."""
     world, rank = accelerator.num_processes, accelerator.process_index
     mode = cfg.mode(world)
-    keys = [(layer, k) for layer in cfg.layers for k in cfg.ks]
-    if mode == "modules" and world > len(keys):
-        raise ValueError(
-            f"distribute modules needs at least one SAE per process: {len(keys)} SAEs, {world} "
-            "processes. Use fewer processes or --distribute replicate."
-        )
     total_steps = cfg.total_tokens // (cfg.sae_batch_size * world)
     if total_steps < 1:
         raise ValueError(
             f"--total_tokens {cfg.total_tokens} is less than one step of {world} x "
             f"--sae_batch_size {cfg.sae_batch_size}; raise total_tokens."
         )
-    numel = sae_numel(base.d_model, cfg.latents(base.d_model))
-    sharded = mode == "modules" and world > 1
-    owner = dict(
-        zip(
-            keys,
-            owners(keys, [numel] * len(keys), world) if sharded else [0] * len(keys),
-            strict=True,
-        )
-    )
-    mine = [key for key in keys if not sharded or owner[key] == rank]
+    owner = placement(cfg, base.d_model, world, mode)
+    mine = [key for key, process in owner.items() if mode == "replicate" or process == rank]
     saes = SAESet(cfg, base.d_model, base.name, mine).to(accelerator.device)
     optimizer = torch.optim.Adam(
         saes.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True
     )
-    scheduler = lr_schedule(optimizer, cfg, total_steps)
     stream = ActivationStream(
         base, cfg, rank, world, draws=total_steps + 1, progress=accelerator.is_main_process
     )
-    d_sae = cfg.latents(base.d_model)
-    since_fired = torch.zeros(len(mine), d_sae, dtype=torch.long, device=accelerator.device)
+    since_fired = torch.zeros(
+        len(mine), cfg.latents(base.d_model), dtype=torch.long, device=accelerator.device
+    )
+    run = Run(
+        cfg, accelerator, mode, base, owner, saes, saes, optimizer,
+        lr_schedule(optimizer, cfg, total_steps), stream, iter(stream), since_fired, TrainState(),
+        total_steps,
+    )  # fmt: skip
     checkpoint = latest_checkpoint(cfg) if resume else None
     if resume and checkpoint is None:
         accelerator.print(
             f"--resume: no checkpoint under {checkpoint_root(cfg)}; starting from scratch."
         )
     if checkpoint is not None:
-        trainer, own, held = load_checkpoint(checkpoint, accelerator, mode)
-        saes.load_state_dict(held["saes"])
-        optimizer.load_state_dict(held["optimizer"])
-        since_fired.copy_(held["since_fired"])
-        scheduler.load_state_dict(trainer["scheduler"])
-        state = TrainState(**trainer["state"])
-        stream.load_state_dict(own["stream"])
-        batches = iter(stream)
-        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+        restore(run, checkpoint)
     else:
-        batches = iter(stream)  # its first batch sets the input scale, b_dec and the encoder
-        first = next(batches)
-        scale = input_scale(first, accelerator)
-        initialise(saes, share_batch(accelerator, first, mode)[: len(first)], cfg.layers, scale)
-        state = TrainState(scale=scale)
-    model = accelerator.prepare(saes) if mode == "replicate" else saes
+        begin(run)
+    if mode == "replicate":
+        run.model = accelerator.prepare(saes)
     if accelerator.is_main_process and cfg.log_with:
         accelerator.init_trackers(cfg.name, config={k: str(v) for k, v in asdict(cfg).items()})
-    return Run(
-        cfg, accelerator, mode, base, owner, saes, model, optimizer, scheduler, stream, batches,
-        since_fired, state, total_steps,
-    )  # fmt: skip
+    return run
+
+
+def begin(run: Run) -> None:
+    """The stream's first batch sets the input scale, b_dec and the encoder's scale."""
+    first = next(run.batches)
+    scale = input_scale(first, run.accelerator)
+    process_0_batch = share_batch(run.accelerator, first, run.mode)[: len(first)]
+    initialise(run.saes, process_0_batch, run.cfg.layers, scale)
+    run.state = TrainState(scale=scale)
+
+
+def restore(run: Run, checkpoint: Path) -> None:
+    trainer, own, sae_file = load_checkpoint(checkpoint, run.accelerator, run.mode)
+    run.saes.load_state_dict(sae_file["saes"])
+    run.optimizer.load_state_dict(sae_file["optimizer"])
+    run.since_fired.copy_(sae_file["since_fired"])
+    run.scheduler.load_state_dict(trainer["scheduler"])
+    run.state = TrainState(**trainer["state"])
+    run.stream.load_state_dict(own["stream"])
+    run.accelerator.print(f"resumed from {checkpoint} at step {run.state.step}")
 
 
 def fit(run: Run) -> float:

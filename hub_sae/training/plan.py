@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from hub_sae.models import DEFAULT_MODEL, is_llada
 from hub_sae.training.config import DISTRIBUTE, TrainConfig
-from hub_sae.training.saes import owners, sae_numel
+from hub_sae.training.saes import placement, sae_numel
 
 KNOWN_LLADA = "GSAI-ML/LLaDA-8B-Base"
 """Planned from hub_sae's LLaDAConfig defaults (its config.json) when no config.json is at hand."""
@@ -111,11 +111,8 @@ def plan_mode(cfg: TrainConfig, shape: ModelShape, processes: int, mode: str) ->
     n_saes = n_layers * len(cfg.ks)
     numel = sae_numel(d, d_sae)
     sharded = mode == "modules" and processes > 1
-    if sharded:
-        owner = owners(range(n_saes), [numel] * n_saes, processes)
-        owned = max(owner.count(r) for r in range(processes))
-    else:
-        owned = n_saes
+    owner = list(placement(cfg, d, processes, mode).values())
+    owned = max(owner.count(r) for r in range(processes))
     batch, act = cfg.sae_batch_size, n_layers * d * FLOAT
     weights = owned * numel * FLOAT
     rows_in_step = processes * batch if sharded else batch
@@ -161,8 +158,10 @@ def plan(cfg: TrainConfig, processes: int, shape: ModelShape | None = None) -> d
         "processes": processes,
         "model": cfg.model,
         "saes": len(cfg.layers) * len(cfg.ks),
-        "modes": {
-            mode: plan_mode(cfg, shape, processes, mode)._asdict() for mode in reversed(DISTRIBUTE)
+        "modes": {  # modules needs an SAE per process
+            mode: plan_mode(cfg, shape, processes, mode)._asdict()
+            for mode in reversed(DISTRIBUTE)
+            if mode == "replicate" or processes <= len(cfg.layers) * len(cfg.ks)
         },
     }
 
@@ -211,7 +210,7 @@ def check_fits(
     fixes = []
     if mode == "replicate" and processes > 1:
         fixes.append("--distribute modules")
-    for more in range(processes + 1, 65):
+    for more in range(processes + 1, len(cfg.layers) * len(cfg.ks) + 1):
         if plan_mode(cfg, shape, more, "modules").per_process_bytes * sharing <= free:
             fixes.append(f"more processes (modules fits from {more})")
             break

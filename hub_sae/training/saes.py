@@ -43,6 +43,20 @@ def owners(keys: Sequence[Key], sizes: Sequence[int], processes: int) -> list[in
     return owner
 
 
+def placement(cfg: TrainConfig, d_model: int, processes: int, mode: str) -> dict[Key, int]:
+    """The process owning each (layer, k): spread by bytes under modules, else process 0."""
+    keys = [(layer, k) for layer in cfg.layers for k in cfg.ks]
+    if mode == "replicate" or processes == 1:
+        return dict.fromkeys(keys, 0)
+    if processes > len(keys):
+        raise ValueError(
+            f"distribute modules needs at least one SAE per process: {len(keys)} SAEs, "
+            f"{processes} processes. Use fewer processes or --distribute replicate."
+        )
+    sizes = [sae_numel(d_model, cfg.latents(d_model))] * len(keys)
+    return dict(zip(keys, owners(keys, sizes, processes), strict=True))
+
+
 class StepOutput(NamedTuple):
     loss: Tensor
     """[n_saes] each SAE's FVU + auxk_alpha * AuxK, averaged over the per-process batches."""
