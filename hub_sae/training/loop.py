@@ -308,7 +308,10 @@ def finish(run: Run, train_seconds: float) -> Path | None:
         return None
     for (layer, k), sae in final.items():
         if not all(torch.isfinite(p).all() for p in sae.parameters()):
-            raise FloatingPointError(f"the SAE of layer {layer}, k {k} has non-finite weights.")
+            raise FloatingPointError(
+                f"the SAE of layer {layer}, k {k} has non-finite weights; no suite was written. "
+                f"Lower --lr (now {cfg.lr})."
+            )
         sae.fold_input_scale(run.state.scale[cfg.layers.index(layer)])
         sae.eval()
     metrics = evaluate_suite(
