@@ -247,7 +247,7 @@ def read_yaml(path: str | Path) -> dict:
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, LaunchOptions]:
     """The command line: `--config` is read first, every other flag overrides its value."""
     parser = HfArgumentParser((TrainConfig, LaunchOptions), description=__doc__)
-    options, _ = HfArgumentParser(LaunchOptions).parse_known_args(argv)
+    options, _ = HfArgumentParser(LaunchOptions, add_help=False).parse_known_args(argv)
     parser.set_defaults(**read_yaml(options.config))
     try:
         cfg, launch = parser.parse_args_into_dataclasses(argv)
