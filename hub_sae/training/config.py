@@ -267,7 +267,7 @@ def _coerce(name: str, value, kind):
         return [_coerce(name, v, item) for v in values]
     target = int if kind is int or text.startswith("int") else float if "float" in text else None
     if target is None:
-        return value
+        return str(value) if kind is str or text.startswith("str") else value
     if isinstance(value, bool) or (target is int and isinstance(value, float)):
         raise ValueError(f"--{name} must be an {target.__name__}; got {value!r}.")
     try:
