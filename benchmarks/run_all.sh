@@ -12,3 +12,4 @@ PYTHON="${PYTHON:-python}"
 if [[ -f benchmarks/space_latency.py ]]; then
     "$PYTHON" benchmarks/space_latency.py
 fi
+"$PYTHON" benchmarks/distribute.py

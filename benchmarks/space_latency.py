@@ -63,7 +63,7 @@ def minilm_suite() -> Path:
     for path in suites:
         if read_suite(path.parent).base_model == "minilm":
             return path.parent
-    from training.trainer import TrainConfig, train
+    from hub_sae.training import TrainConfig, train
 
     return train(TrainConfig(output_dir=str(RUNS), **SMALL_RUN))
 

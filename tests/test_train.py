@@ -1,8 +1,9 @@
-"""The real trainer on the embedded default: suite contents, DDP on 2 CPU processes, SIGKILL + resume."""
+"""The real trainer on the embedded default, in one process: suite contents, config and CLI checks,
+the stream's resumable state, the schedule, the plan, divergence, the run lock and the launcher."""
 
 import json
 import os
-import signal
+import re
 import subprocess
 import sys
 import time
@@ -10,62 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from hub_sae import TopKSAE
 from hub_sae.features import load_features
+from hub_sae.models import load_base_model
 from hub_sae.suite import validate_suite
-from tests.conftest import TINY_RUN
-from training.train import parse_args
-from training.trainer import ActivationStream, TrainConfig, geometric_median, lr_lambda
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def cli_args(out: Path, **overrides) -> list[str]:
-    """TINY_RUN (+ overrides) as `--key value` arguments of training/train.py."""
-    cfg = {**TINY_RUN, "output_dir": str(out), **overrides}
-    return [item for key, value in cfg.items() for item in (f"--{key}", json.dumps(value))]
-
-
-def launch(out: Path, *extra: str, processes: int = 1, **overrides) -> subprocess.Popen:
-    """`accelerate launch training/train.py` in its own process group."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if processes > 1:
-        env["ACCELERATE_USE_CPU"] = "true"
-        flags = ["--multi_gpu", "--num_processes", str(processes)]
-    else:
-        flags = ["--cpu", "--num_processes", "1"]
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        *flags,
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        str(ROOT / "training" / "train.py"),
-        *cli_args(out, **overrides),
-        *extra,
-    ]
-    return subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-
-
-def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-4000:]
-    return out
+from hub_sae.training import TrainConfig, parse_args, train
+from hub_sae.training.loop import lr_schedule
+from hub_sae.training.plan import model_shape, plan, plan_mode
+from hub_sae.training.saes import SAESet, geometric_median, owners
+from hub_sae.training.stream import ActivationStream
+from tests.conftest import ROOT, TINY_RUN, finish, launch, wait_gone, workers
 
 
 def test_suite_is_complete_and_loads(trained_suite: Path) -> None:
@@ -104,22 +60,54 @@ def test_saved_weights_take_raw_activations(trained_suite: Path) -> None:
     assert out.fvu < 0.9
 
 
-def test_stream_harvests_only_what_is_still_drawn() -> None:
-    """A big shuffle buffer is not filled for the last few SAE batches of a run."""
-    from hub_sae.models import load_base_model
+@pytest.fixture(scope="module")
+def minilm():
+    return load_base_model("minilm")
 
+
+def test_stream_harvests_only_what_is_still_drawn(minilm) -> None:
+    """A big shuffle buffer is not filled for the last few SAE batches of a run."""
     cfg = TrainConfig(**{**TINY_RUN, "buffer_tokens": 8192, "sae_batch_size": 64})
-    base = load_base_model(cfg.model)
     drawn = []
-    for limit in (None, 3):
-        stream = ActivationStream(base, cfg, rank=0, world=1)
-        stream.remaining = limit
+    for draws in (None, 3):
+        stream = ActivationStream(minilm, cfg, rank=0, world=1, draws=draws)
         batches = iter(stream)
         shapes = [next(batches).shape for _ in range(3)]
-        assert shapes == [(64, len(cfg.layers), base.d_model)] * 3
+        assert shapes == [(64, len(cfg.layers), minilm.d_model)] * 3
         drawn.append(stream.batches_read)
     # 8k activations take ~60 LLM batches; 2 x 3 x 64 (a fill is twice what is drawn) take one or two
     assert 1 <= drawn[1] and drawn[1] * 10 < drawn[0], drawn
+
+
+@pytest.mark.parametrize("reuse", [1, 2])
+def test_stream_state_resumes_the_exact_batches(minilm, reuse: int) -> None:
+    """Saved mid-way (buffer half drawn), a new stream continues with the very same batches."""
+    cfg = TrainConfig(**{**TINY_RUN, "sae_batch_size": 128, "reuse_activations": reuse})
+    stream = ActivationStream(minilm, cfg, rank=0, world=1, draws=20)
+    batches = iter(stream)
+    for _ in range(5):  # 1024-row buffer, 512 drawn per fill: the 5th batch is from the 2nd fill
+        next(batches)
+    state = stream.state_dict()
+    expected = [next(batches) for _ in range(10)]
+    resumed = ActivationStream(minilm, cfg, rank=0, world=1, draws=20)
+    resumed.load_state_dict(state)
+    again = iter(resumed)
+    for batch in expected:
+        torch.testing.assert_close(next(again), batch, rtol=0, atol=0)
+
+
+def test_reuse_activations_replays_kept_ones(minilm) -> None:
+    """reuse 2 harvests half the activations and replays them, each row seen about twice."""
+    read, rows = {}, {}
+    for reuse in (1, 2):
+        cfg = TrainConfig(**{**TINY_RUN, "sae_batch_size": 128, "reuse_activations": reuse})
+        stream = ActivationStream(minilm, cfg, rank=0, world=1, draws=24)
+        batches = iter(stream)
+        rows[reuse] = torch.cat([next(batches)[:, 0] for _ in range(24)])
+        read[reuse] = stream.batches_read
+    assert read[2] <= read[1] * 0.6, read
+    assert torch.unique(rows[2], dim=0).shape[0] <= 0.6 * len(rows[2])
+    assert torch.unique(rows[1], dim=0).shape[0] == len(rows[1])
 
 
 def test_geometric_median_resists_outliers() -> None:
@@ -128,16 +116,52 @@ def test_geometric_median_resists_outliers() -> None:
     assert points.mean(0).abs().max() > 9
 
 
-def test_lr_schedule_warms_up_and_decays() -> None:
-    f = lr_lambda(TrainConfig(warmup_steps=10, decay_fraction=0.2), total_steps=100)
-    assert f(0) == pytest.approx(0.1) and f(9) == 1.0 and f(50) == 1.0
-    assert f(80) == 1.0 and f(90) == pytest.approx(0.5) and f(100) == 0.0
+def test_lr_schedule_is_dictionary_learnings() -> None:
+    """transformers' WSD schedule gives DLM-Scope's (dictionary_learning's) factor at every step:
+    step / warmup, then 1, then (total - step) / (total - decay_start)."""
+    cfg = TrainConfig(warmup_steps=10, decay_fraction=0.2)
+    total, decay_start = 100, 80
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = lr_schedule(optimizer, cfg, total)
+    for step in range(total):
+        lr = scheduler.get_last_lr()[0]
+        if step < 10:
+            expected = step / 10
+        elif step < decay_start:
+            expected = 1.0
+        else:
+            expected = (total - step) / (total - decay_start)
+        assert lr == pytest.approx(expected), step
+        optimizer.step()
+        scheduler.step()
 
 
-def test_cli_overrides_are_parsed_as_yaml() -> None:
-    cfg, resume = parse_args(["--layers", "[1, 2]", "--lr", "3e-4", "--resume"])
-    assert cfg.layers == [1, 2] and cfg.lr == 3e-4 and resume
+def test_cli_overrides_the_config_file() -> None:
+    cfg, options = parse_args(["--layers", "1", "2", "--lr", "3e-4", "--resume"])
+    assert cfg.layers == [1, 2] and cfg.lr == 3e-4 and options.resume
     assert cfg.name == "minilm-mask"  # the rest comes from the default config
+    cfg, _ = parse_args(["--layers", "3", "--ks", "32"])
+    assert cfg.layers == [3] and cfg.ks == [32]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--total_tokens", "abc"], "--total_tokens.*invalid int value: 'abc'"),
+        (["--sae_batch_size", "0"], "--sae_batch_size must be at least 1"),
+        (["--dtype", "nn"], "--dtype must be one of float32, bfloat16, float16; got 'nn'"),
+        (["--total_tokens", "0"], "--total_tokens must be at least 1"),
+        (["--total_tokens", "100"], "--total_tokens 100 is less than one SAE batch"),
+        (["--name", "."], "--name '.': a run name is letters"),
+        (["--name", "../../x"], "--name '../../x': a run name is letters"),
+        (["--distribute", "shards"], "--distribute must be modules or replicate"),
+        (["--layers", "[1,3]"], "--layers: invalid int value"),
+    ],
+)
+def test_bad_command_line_values_name_the_option(capsys, argv: list[str], message: str) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert re.search(message, capsys.readouterr().err)
 
 
 def test_unknown_config_key_names_valid_keys(tmp_path: Path) -> None:
@@ -145,6 +169,9 @@ def test_unknown_config_key_names_valid_keys(tmp_path: Path) -> None:
     path.write_text("layer: 3\n")
     with pytest.raises(ValueError, match="unknown config keys \\['layer'\\].*layers"):
         TrainConfig.from_yaml(path)
+    path.write_text("layers: 3\nks: 16\nlr: 3e-4\n")  # YAML 1.1 scalars where lists/floats go
+    cfg = TrainConfig.from_yaml(path)
+    assert cfg.layers == [3] and cfg.ks == [16] and cfg.lr == 3e-4
 
 
 @pytest.mark.parametrize(
@@ -154,55 +181,100 @@ def test_unknown_config_key_names_valid_keys(tmp_path: Path) -> None:
         ({"ks": [768]}, "0 < k < d_sae=768"),
         ({"corpus": "no/such/corpus.txt"}, "corpus 'no/such/corpus.txt' does not exist"),
         ({"policy": "masked"}, "unknown mask policy 'masked'"),
+        ({"buffer_tokens": 10**9}, r"needs .* GB .* free\. Try: .*--buffer_tokens"),
     ],
 )
 def test_config_errors_stop_before_any_output(tmp_path: Path, override: dict, message: str) -> None:
-    from training.trainer import train
-
     out = tmp_path / "runs"
-    with pytest.raises((ValueError, FileNotFoundError), match=message):
+    with pytest.raises((ValueError, FileNotFoundError, MemoryError), match=message):
         train(TrainConfig(output_dir=str(out), **{**TINY_RUN, **override}))
     assert not out.exists() or not any(out.iterdir())
 
 
-@pytest.mark.slow
-def test_ddp_two_processes_end_with_identical_weights(tmp_path: Path) -> None:
+def test_diverging_run_stops_before_writing_a_suite(tmp_path: Path) -> None:
     out = tmp_path / "runs"
-    log = finish(launch(out, processes=2))
-    suite = json.loads((out / TINY_RUN["name"] / "suite.json").read_text())
-    training = suite["training"]
-    assert training["processes"] == 2, log[-2000:]
-    first, second = training["rank_checksums"]
-    assert first == second
-    assert training["tokens"] >= TINY_RUN["total_tokens"] - 2 * TINY_RUN["sae_batch_size"]
-
-
-@pytest.mark.slow
-def test_sigkill_then_resume_completes_the_suite(tmp_path: Path) -> None:
-    out = tmp_path / "runs"
-    run = dict(total_tokens=16384, checkpoint_every=4, feature_tokens=512)
-    proc = launch(out, **run)
-    checkpoints = out / "checkpoints" / TINY_RUN["name"]
-    deadline = time.monotonic() + 240
-    while not list(checkpoints.glob("step_*")):
-        assert proc.poll() is None, proc.communicate()[0][-4000:]
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    cfg = TrainConfig(output_dir=str(out), **{**TINY_RUN, "lr": 1e30, "warmup_steps": 1})
+    with pytest.raises(FloatingPointError, match=r"step \d+: the loss of the SAE of layer \d, k 8"):
+        train(cfg)
     assert not (out / TINY_RUN["name"]).exists()
-    for step in checkpoints.glob("step_*"):  # whatever is visible is whole
-        assert {p.name for p in step.iterdir()} == {"trainer.pt", "rank_0.pt"}
-        state = torch.load(step / "trainer.pt", weights_only=True)
-        assert state["state"]["step"] == int(step.name.removeprefix("step_"))
 
-    log = finish(launch(out, "--resume", **run))
-    assert "resumed from" in log
-    suite_dir = out / TINY_RUN["name"]
-    assert validate_suite(suite_dir, require_card=False) == []
-    suite = json.loads((suite_dir / "suite.json").read_text())
-    assert suite["training"]["steps"] == 16384 // TINY_RUN["sae_batch_size"]
-    for layer in TINY_RUN["layers"]:
-        weights = load_file(suite_dir / f"layer_{layer}" / "model.safetensors")
-        assert all(torch.isfinite(t).all() for t in weights.values())
-    assert not checkpoints.exists()  # cleaned up once the suite is written
+
+def test_owners_are_contiguous_and_byte_balanced() -> None:
+    keys = [(layer, k) for layer in range(6) for k in range(6)]
+    owner = owners(keys, [1] * 36, 8)
+    assert owner == sorted(owner) and {owner.count(r) for r in range(8)} == {4, 5}
+    assert owners(keys[:2], [3, 1], 2) == [0, 1]
+    assert owners(keys[:3], [1, 1, 6], 2) == [0, 0, 1]
+
+
+def test_plan_counts_the_real_tensors(minilm) -> None:
+    """The plan's bytes of the base model, SAE weights, gradients and Adam state (after a real
+    step) and of the filled shuffle buffer are those of the tensors themselves."""
+    cfg = TrainConfig(**{**TINY_RUN, "ks": [8, 16]})
+    planned = plan(cfg, 1)["modes"]["replicate"]
+    assert planned == plan(cfg, 1)["modes"]["modules"]  # one process: the same run
+    size = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
+    assert planned["base_model"] == size(minilm.model.parameters())
+    keys = [(layer, k) for layer in cfg.layers for k in cfg.ks]
+    saes = SAESet(cfg, minilm.d_model, "minilm", keys)
+    optimizer = torch.optim.Adam(saes.parameters(), fused=True)
+    x = torch.randn(64, len(cfg.layers), minilm.d_model)
+    dead = torch.zeros(len(keys), cfg.latents(minilm.d_model), dtype=torch.bool)
+    saes(x, cfg.layers, dead, cfg).loss.sum().backward()
+    optimizer.step()
+    assert planned["sae_weights"] == size(saes.parameters())
+    assert planned["gradients"] == size(p.grad for p in saes.parameters())
+    adam = [t for state in optimizer.state.values() for t in state.values()]
+    assert planned["adam_state"] == size(adam)
+    stream = ActivationStream(minilm, cfg, rank=0, world=1)
+    next(iter(stream))
+    buffer = size([stream.buffer])  # a fill stops within one LLM batch past the buffer size
+    one_llm_batch = cfg.llm_batch_size * cfg.ctx_len * len(cfg.layers) * minilm.d_model * 4
+    assert planned["shuffle_buffer"] / 2 <= buffer < planned["shuffle_buffer"] / 2 + one_llm_batch
+    modules = plan_mode(cfg, model_shape("minilm"), 2, "modules")
+    assert modules.saes_per_process == 2 and modules.sae_weights == planned["sae_weights"] // 2
+    assert modules.comm_bytes_per_step == cfg.sae_batch_size * len(cfg.layers) * 384 * 4
+
+
+def test_plan_command_prints_json_and_the_llada_recipe_fits_80gb_in_modules() -> None:
+    def plan_json(*args: str) -> dict:
+        cmd = [sys.executable, str(ROOT / "training" / "train.py"), "--plan", "--json", *args]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        return json.loads(subprocess.run(cmd, env=env, capture_output=True, check=True).stdout)
+
+    result = plan_json("--num_processes", "2")
+    assert result["processes"] == 2 and set(result["modes"]) == {"replicate", "modules"}
+    llada = ["--config", str(ROOT / "training" / "configs" / "llada-8b-mask.yaml")]
+    result = plan_json(*llada, "--num_processes", "8")
+    modes = result["modes"]
+    assert modes["modules"]["per_process_bytes"] < 80e9 < modes["replicate"]["per_process_bytes"]
+    assert modes["modules"]["comm_bytes_per_step"] * 10 < modes["replicate"]["comm_bytes_per_step"]
+    assert modes["modules"]["tokens_per_sae_per_step"] == 8 * 2048
+
+
+@pytest.mark.slow
+def test_second_run_of_a_name_is_refused_and_a_killed_launcher_stops_training(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "runs"
+    proc = launch(out, total_tokens=10**6, feature_tokens=0)
+    lock = out / f".{TINY_RUN['name']}.lock"
+    deadline = time.monotonic() + 240
+    while not lock.exists():
+        assert proc.poll() is None, proc.communicate()[0][-4000:]
+        assert time.monotonic() < deadline, "the run never started"
+        time.sleep(0.2)
+    with pytest.raises(RuntimeError, match="'tiny-mask' is already running .* pick another --name"):
+        train(TrainConfig(output_dir=str(out), **TINY_RUN))
+    children = workers(proc)
+    assert len(children) == 1
+    proc.kill()  # the launcher only, as a closed terminal or a killed job would
+    proc.wait()
+    wait_gone(children, timeout=15)
+
+
+@pytest.mark.slow
+def test_mixed_precision_fp16_is_refused_with_the_fix(tmp_path: Path) -> None:
+    log = finish(launch(tmp_path / "runs", precision="fp16"), ok=False)
+    assert "--mixed_precision fp16: the SAEs train in float32" in log
+    assert "launch with --mixed_precision no" in log

@@ -1,0 +1,118 @@
+"""Checkpoints (whole or absent, one file per process) and the lock that keeps one run per name.
+
+OUTPUT_DIR/checkpoints/NAME/step_XXXXXXXX/
+  trainer.pt    step, tokens, input scale, scheduler, the process count and distribute mode
+  rank_R.pt     process R's stream (position, generators, shuffle buffer); with modules also the
+                SAEs it owns, their Adam state and dead counters (replicate: rank_0.pt holds them)
+Every process writes into a hidden temp folder; after a barrier process 0 renames it into place.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from hub_sae.training.config import TrainConfig
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens: int = 0
+    scale: list[float] = field(default_factory=list)
+    """Per-layer input scale sqrt(mean ||x||^2 / d), estimated before step 0."""
+
+
+def checkpoint_root(cfg: TrainConfig) -> Path:
+    return Path(cfg.output_dir) / "checkpoints" / cfg.name
+
+
+def latest_checkpoint(cfg: TrainConfig) -> Path | None:
+    steps = sorted(checkpoint_root(cfg).glob("step_*"))
+    return steps[-1] if steps else None
+
+
+def save_checkpoint(
+    accelerator: Accelerator, cfg: TrainConfig, mode: str, trainer: dict, process: dict
+) -> None:
+    """`trainer` (process 0) and each process's `process` dict into step_<trainer step>/."""
+    root, step = checkpoint_root(cfg), trainer["state"]["step"]
+    tmp = root / f".tmp-step_{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(process, tmp / f"rank_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        layout = {"processes": accelerator.num_processes, "distribute": mode}
+        torch.save({**trainer, **layout}, tmp / "trainer.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.replace(tmp, root / f"step_{step:08d}")
+        for old in sorted(root.glob("step_*"))[:-1]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(path: Path, accelerator: Accelerator, mode: str) -> tuple[dict, dict, dict]:
+    """(trainer, this process's file, the file holding its SAEs); a different layout is an error."""
+    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    saved = (trainer["processes"], trainer["distribute"])
+    if saved != (accelerator.num_processes, mode):
+        raise ValueError(
+            f"{path} was written by {saved[0]} process(es) with distribute {saved[1]}; this launch "
+            f"has {accelerator.num_processes} with {mode}. Resume with `accelerate launch "
+            f"--num_processes {saved[0]}` and --distribute {saved[1]}, or start over without "
+            f"--resume (delete {path.parent} first)."
+        )
+    own = torch.load(path / f"rank_{accelerator.process_index}.pt", weights_only=True)
+    sae_file = own if mode == "modules" else torch.load(path / "rank_0.pt", weights_only=True)
+    return trainer, own, sae_file
+
+
+@contextmanager
+def run_lock(cfg: TrainConfig, accelerator: Accelerator) -> Iterator[None]:
+    """Held by process 0 for the whole run: a second run of the same name stops at once."""
+    if not accelerator.is_main_process:
+        yield
+        return
+    path = Path(cfg.output_dir) / f".{cfg.name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(
+                f"run {cfg.name!r} is already running ({path} is locked by another process); "
+                "wait for it to finish, or pick another --name."
+            ) from None
+        yield
+
+
+def exit_with_launcher() -> None:
+    """Under `accelerate launch`, exit once the launcher is gone: a killed launcher must not leave
+    this process training (and racing a following --resume). Plain `python train.py` is left alone."""
+    if "ACCELERATE_DYNAMO_BACKEND" not in os.environ:  # set by every `accelerate launch`
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-launcher").start()
+
+
+def trainer_state(state: TrainState, scheduler) -> dict:
+    return {"state": asdict(state), "scheduler": scheduler.state_dict()}
