@@ -34,7 +34,8 @@ def resolve_suite(suite: str, local_dir: str | None = None, revision: str | None
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from hub_sae.cards import SUMMARY_FILE, metric_table
+    from hub_sae.cards import by_t_table, metric_table
+    from hub_sae.evaluate import SUMMARY_FILE
 
     root = resolve_suite(args.suite, args.local_dir, args.revision)
     device = args.device
@@ -48,6 +49,7 @@ def _eval(args: argparse.Namespace) -> int:
         root, args.max_tokens, device, args.dtype, args.corpus, args.split, args.seed
     )
     print(metric_table(metrics))
+    print(by_t_table(metrics))
     print(f"wrote {len(metrics)} metrics.json files and {root / SUMMARY_FILE}")
     return 0
 

@@ -219,13 +219,14 @@ def generate(
     saes: dict[int, TopKSAE] | None = None,
     steering: Sequence[Steer] = (),
     top: int = 5,
+    watch: Sequence[int] = (),
     generator: torch.Generator | None = None,
 ) -> Generation:
     """Decode `prompt_ids` [B, P] (mask tokens in the prompt are decoded too) with LLaDA's sampler.
 
     The parameters keep the names and meaning of LLaDA's `generate()`; gen_length=0 infills the
     prompt's masks as one block. `saes` (layer -> SAE) are watched: `top` features per position
-    and step, plus the steered features, go into the timeline. `steering` needs an SAE of its
+    and step, plus the `watch` and steered features, go into the timeline. `steering` needs an SAE of its
     layer in `saes`. Random numbers (temperature, random remasking) come from `generator`.
     `logits_eos_inf` never predicts EOS; `confidence_eos_eot_inf` commits EOS / end-of-turn
     predictions last in their block (LLaDA, appendix B.4).
@@ -253,7 +254,7 @@ def generate(
     vocab = vocab_limit(base)
     total = n_blocks * block_steps
 
-    watch = tuple(sorted({f for s in steering for f in s.features}))
+    watch = tuple(sorted({*watch, *(f for s in steering for f in s.features)}))
     recorders = {
         layer: _Recorder(sae, [s for s in steering if s.layer == layer], watch, top)
         for layer, sae in saes.items()
