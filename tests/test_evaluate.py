@@ -46,7 +46,9 @@ def test_metric_names_are_unmistakable_and_defined():
 @pytest.fixture(scope="module")
 def by_t(trained_suite):
     base = with_unmasking_head(load_base_model("minilm"))
-    saes = {key: TopKSAE.from_pretrained(f).eval() for key, f in layer_folders(trained_suite).items()}
+    saes = {
+        key: TopKSAE.from_pretrained(f).eval() for key, f in layer_folders(trained_suite).items()
+    }
     data = DataConfig(split="heldout", ctx_len=64, batch_size=4)
     return evaluate_by_t(base, saes, data, batches_per_bin=1, seed=0)
 
