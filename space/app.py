@@ -103,14 +103,13 @@ def decoded_text(explorer: Explorer, run: DecodeRun, generation: Generation) -> 
     plain = run.plain.tokens[0].tolist()
     out = []
     for i, token in enumerate(generation.tokens[0].tolist()):
-        label = None
-        if run.decoded[i]:
-            label = (
-                "generated"
-                if generation is run.plain
-                else ("changed" if plain[i] != token else "same")
-            )
-        out.append((explorer.token_text(token), label))
+        if not run.decoded[i]:
+            out.append((run.prompt.tokens[i], None))
+            continue
+        label = "generated"
+        if generation is not run.plain:
+            label = "changed" if plain[i] != token else "same"
+        out.append((" " + explorer.token_text(token).strip(), label))
     return out
 
 
@@ -231,6 +230,17 @@ def timeline_cell(
     return title, explorer.cell_features(generation, step, position)
 
 
+def cell_picker(explorer: Explorer, which: str) -> Callable:
+    """The select handler of one timeline: the clicked cell's features (Gradio passes the cell)."""
+
+    def pick(prompt, layer, ratio, seed, steps, feature, value, mode, share, positions,
+             evt: gr.SelectData):  # fmt: skip
+        args = (prompt, layer, ratio, seed, steps, feature, value, mode, share, positions)
+        return timeline_cell(explorer, which, evt.index, *args)
+
+    return pick
+
+
 def explore_tab(explorer: Explorer, inputs: list[gr.Component]) -> gr.Number:
     """Heat map, per-token table and feature panel, wired to `inputs` (prompt, layer, ratio, seed);
     returns the feature box."""
@@ -328,11 +338,9 @@ def decode_tab(explorer: Explorer, inputs: list[gr.Component], explored: gr.Numb
         api_name="decode",
     )
     for which, frame in (("unsteered", plain_timeline), ("steered", steered_timeline)):
-
-        def pick(*args, evt: gr.SelectData, which: str = which):
-            return timeline_cell(explorer, which, evt.index, *args)
-
-        frame.select(pick, decode_inputs, [cell_title, cell], api_name=False)
+        frame.select(
+            cell_picker(explorer, which), decode_inputs, [cell_title, cell], api_name=False
+        )
 
 
 def build_app(source: str | Explorer | None = None) -> gr.Blocks:
