@@ -1,4 +1,7 @@
-"""Model cards: YAML metadata with a model-index of the metrics, an FVU plot, one Jinja template.
+"""Model cards: YAML metadata with a model-index of the metrics, plots, one Jinja template.
+
+The metrics themselves (names, meaning) are defined by the evaluation (`hub_sae.evaluate.METRICS`);
+this module only presents them.
 
 A card is rendered from a `CardSpec`, built either from a trained suite (`suite_spec`: suite.json
 and each layer's metrics.json) or from a training config plus metrics reported elsewhere
@@ -19,6 +22,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hub_sae.data import DEFAULT_CORPUS
+from hub_sae.evaluate import METRICS, SUMMARY_FILE, T_BINS
 from hub_sae.io import inside, is_repo_id, write_atomic
 from hub_sae.suite import SUITE_FILE, layer_folders, read_suite, sae_folder
 
@@ -29,8 +33,7 @@ _TEMPLATES = (
 TEMPLATE = next((path for path in _TEMPLATES if path.is_file()), _TEMPLATES[0])
 CARD_FILE = "README.md"
 PLOT_FILE = "fvu_per_layer.png"
-SUMMARY_FILE = "metrics.json"
-"""The suite-level summary `hub-sae eval` writes at the root (per-SAE metrics stay in layer folders)."""
+BY_T_PLOT_FILE = "metrics_by_t.png"
 DIGITS = 4
 """Decimals of the metric values in the model-index."""
 
@@ -69,27 +72,8 @@ SUITE_LAYOUT = """\
 | `{folder}/metrics.json` | held-out metrics (FVU, L0, dead latents, density histogram, spliced metrics) |
 | `{folder}/features.safetensors` | per-latent firing frequency and top-activating contexts |
 | `metrics.json` | summary of the last `hub-sae eval` run, when present |
-| `{plot}` | the FVU plot below |"""
-
-
-class Metric(NamedTuple):
-    """A metric of metrics.json shown in the table and the model-index."""
-
-    key: str
-    label: str
-    fmt: str
-
-
-METRICS = (
-    Metric("fvu", "FVU", ".3f"),
-    Metric("variance_explained", "variance explained", ".3f"),
-    Metric("l0", "L0", ".1f"),
-    Metric("dead_share", "dead latents", ".1%"),
-    Metric("delta_loss", "delta loss (spliced)", ".4f"),
-    Metric("loss_recovered", "loss recovered", ".3f"),
-    Metric("output_recovered", "output recovered (spliced)", ".3f"),
-    Metric("cosine_spliced", "cosine to clean output (spliced)", ".4f"),
-)
+| `{plot}` | the FVU plot below |
+| `{by_t_plot}` | metrics by masking ratio t, when measured |"""
 
 
 class MetricsSource(NamedTuple):
@@ -204,6 +188,37 @@ def metric_table(metrics: dict[tuple[int, int], dict]) -> str:
     return "\n".join(rows)
 
 
+BY_T_COLUMNS = (
+    ("fvu_masked", "FVU masked", ".3f"),
+    ("fvu_unmasked", "FVU unmasked", ".3f"),
+    ("l0_masked", "L0 masked", ".1f"),
+    ("l0_unmasked", "L0 unmasked", ".1f"),
+    ("dlm_scope_delta_lm_mask", "DLM-Scope delta LM (mask)", ".4f"),
+    ("dlm_scope_delta_lm_unmask", "DLM-Scope delta LM (unmask)", ".4f"),
+)
+
+
+def by_t_table(metrics: dict[tuple[int, int], dict]) -> str:
+    """Markdown table of the metrics by masking ratio t (`by_t`), one row per SAE and bin."""
+    found = [row for values in metrics.values() for row in values.get("by_t") or []]
+    columns = [c for c in BY_T_COLUMNS if any(_is_number(r.get(c[0])) for r in found)]
+    if not found:
+        return ""
+    lines = [
+        "| layer | k | t | " + " | ".join(label for _, label, _ in columns) + " |",
+        "|---|---|---|" + "---|" * len(columns),
+    ]
+    for (layer, k), values in sorted(metrics.items()):
+        for row in values.get("by_t") or []:
+            cells = [
+                format(row[key], fmt) if _is_number(row.get(key)) else "-"
+                for key, _, fmt in columns
+            ]
+            t = f"[{row['t_min']:g}, {row['t_max']:g})"
+            lines.append(f"| {layer} | {k} | {t} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _corruption_text(run: dict) -> str:
     """The corruption schedule of a run config, in words."""
     if run["schedule"] == "llada":
@@ -289,6 +304,41 @@ def plot_fvu(spec: CardSpec) -> bytes:
     return buffer.getvalue()
 
 
+def has_by_t(spec: CardSpec) -> bool:
+    """Whether any SAE of `spec` has metrics by masking ratio (`by_t` in its metrics.json)."""
+    return any(values.get("by_t") for values in spec.metrics.values())
+
+
+def plot_by_t(spec: CardSpec) -> bytes:
+    """PNG: FVU at masked (solid) and unmasked (dashed) positions and DLM-Scope's delta LM (mask)
+    against the masking ratio t, one colour per layer (the smallest k)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9.6, 3.6), dpi=100)
+    fvu_ax, loss_ax = fig.subplots(1, 2)
+    k = min(spec.ks)
+    for i, layer in enumerate(spec.layers):
+        rows = spec.metrics.get((layer, k), {}).get("by_t") or []
+        t = [r["t_mean"] for r in rows]
+        colour = f"C{i % 10}"
+        if rows:
+            fvu_ax.plot(t, [r["fvu_masked"] for r in rows], "o-", color=colour, label=f"L{layer}")
+            fvu_ax.plot(t, [r["fvu_unmasked"] for r in rows], "o--", color=colour)
+        if rows and "dlm_scope_delta_lm_mask" in rows[0]:
+            loss_ax.plot(t, [r["dlm_scope_delta_lm_mask"] for r in rows], "o-", color=colour)
+    fvu_ax.set_title(f"FVU by t, k={k} (solid: masked, dashed: unmasked)", fontsize=9)
+    loss_ax.set_title("DLM-Scope delta LM (mask), spliced at all positions", fontsize=9)
+    for ax in (fvu_ax, loss_ax):
+        ax.axvspan(0.05, 0.5, color="0.9", zorder=0)
+        ax.set_xlabel("masking ratio t (grey: training range)")
+        ax.grid(alpha=0.3)
+    fvu_ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", metadata={"Software": None})
+    return buffer.getvalue()
+
+
 def render_card(spec: CardSpec, template: str | Path = TEMPLATE) -> ModelCard:
     """The card of `spec`: metadata (incl. model-index) and body from the Jinja `template`."""
     template = Path(template)
@@ -320,8 +370,7 @@ def render_card(spec: CardSpec, template: str | Path = TEMPLATE) -> ModelCard:
             f"Measured by hub-sae's held-out evaluation (`hub-sae eval`) on the `{spec.eval_split}` "
             f"split of `{spec.eval_corpus}` "
             f"under the `{spec.policy}` policy and the training corruption ({metric_tokens(spec)} "
-            "activations per SAE); spliced metrics replace block L's output at the policy's "
-            "positions by the reconstruction."
+            "activations per SAE)."
         )
     return ModelCard.from_template(
         card_data,
@@ -339,7 +388,14 @@ def render_card(spec: CardSpec, template: str | Path = TEMPLATE) -> ModelCard:
         d_in=spec.d_in,
         n_blocks=spec.n_blocks,
         source=spec.source._asdict() if spec.source else None,
-        layout=spec.layout or SUITE_LAYOUT.format(folder=_folder_pattern(spec.ks), plot=PLOT_FILE),
+        layout=spec.layout
+        or SUITE_LAYOUT.format(
+            folder=_folder_pattern(spec.ks), plot=PLOT_FILE, by_t_plot=BY_T_PLOT_FILE
+        ),
+        metric_definitions=[(m.key, m.label, m.meaning) for m in METRICS],
+        by_t_plot=BY_T_PLOT_FILE if has_by_t(spec) else None,
+        by_t_table=by_t_table(spec.metrics),
+        t_bins=", ".join(f"[{a:g}, {b:g})" for a, b in T_BINS),
         training_note=spec.training_note,
         training_rows=training_rows(spec),
         metrics_intro=metrics_intro,
@@ -370,6 +426,8 @@ def write_card(spec: CardSpec, out_dir: str | Path, template: str | Path = TEMPL
     out_dir.mkdir(parents=True, exist_ok=True)
     card = render_card(spec, template)
     write_atomic(out_dir / PLOT_FILE, plot_fvu(spec))
+    if has_by_t(spec):
+        write_atomic(out_dir / BY_T_PLOT_FILE, plot_by_t(spec))
     write_atomic(out_dir / CARD_FILE, str(card).encode())
     return out_dir / CARD_FILE
 

@@ -64,8 +64,8 @@ def torch_device(name: str) -> str:
 
 def _eval(args: argparse.Namespace) -> int:
     """`hub-sae eval`: re-measure every SAE of a suite and write its metrics."""
-    from hub_sae.cards import SUMMARY_FILE, metric_table
-    from hub_sae.evaluate import evaluate_saved_suite
+    from hub_sae.cards import by_t_table, metric_table
+    from hub_sae.evaluate import SUMMARY_FILE, evaluate_saved_suite
 
     device = torch_device(args.device)
     root = resolve_suite(args.suite, args.local_dir, args.revision)
@@ -73,6 +73,7 @@ def _eval(args: argparse.Namespace) -> int:
         root, args.max_tokens, device, args.dtype, args.corpus, args.split, args.seed
     )
     print(metric_table(metrics))
+    print(by_t_table(metrics))
     print(f"wrote {len(metrics)} metrics.json files and {root / SUMMARY_FILE}")
     return 0
 

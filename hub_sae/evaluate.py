@@ -1,28 +1,97 @@
-"""Held-out evaluation of SAEs under their policy: FVU, L0, dead latents, density, spliced metrics.
+"""Held-out evaluation of SAEs: FVU, L0, dead latents, density, spliced losses, and all of it by
+masking ratio t. `METRICS` names each number of metrics.json and says what it means.
 
-Spliced metric: block L's output at the policy's positions is replaced by the SAE reconstruction
-(and, for reference, by zeros) and the model's output is compared with the clean run:
-- models with an LM head (LLaDA): masked-token cross entropy weighted 1/p, and the share of the
-  zero-ablation loss increase the SAE recovers;
-- encoders without a head (MiniLM): cosine and relative MSE of the final hidden state.
+Two spliced losses, never to be confused:
+- `policy_splice_*` (hub-sae's): block L's output at the policy's positions only is replaced by the
+  reconstruction (and, for reference, by zeros); masked-token cross entropy weighted 1/t.
+- `dlm_scope_delta_lm_*` (DLM-Scope's definition, comparable with their paper): the reconstruction
+  replaces block L's output at ALL positions; `mask`: cross entropy at masked positions weighted
+  1/t, `unmask`: at unmasked positions weighted 1/(1 - t); minus the same without the SAE,
+  averaged over t in the training range [0.05, 0.5].
+Models without an LM head get the cosine and relative MSE of their final hidden state instead; the
+embedded default (MiniLM) gets a fitted unmasking head (`models.unmasking`) so it has losses.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hub_sae.activations import harvest_text, splice
-from hub_sae.data import DataConfig
-from hub_sae.masking import CorruptedBatch, Corruption
+from hub_sae.activations import capture, harvest_text, splice
+from hub_sae.data import DataConfig, token_batches
+from hub_sae.masking import CorruptedBatch, Corruption, corrupt
 from hub_sae.models import BaseModel, load_base_model
+from hub_sae.models.unmasking import with_unmasking_head
 from hub_sae.sae import TopKSAE
+
+SUMMARY_FILE = "metrics.json"
+"""The suite-level summary `hub-sae eval` writes at the root (per-SAE metrics stay in layer folders)."""
+
+
+class Metric(NamedTuple):
+    """A number of metrics.json: its key, a short label for tables and what it measures."""
+
+    key: str
+    label: str
+    fmt: str
+    meaning: str
+
+
+METRICS = (
+    Metric("fvu", "FVU", ".3f", "fraction of variance unexplained at the policy's positions"),
+    Metric("variance_explained", "variance explained", ".3f", "1 - FVU"),
+    Metric("l0", "L0", ".1f", "active latents per position"),
+    Metric("dead_share", "dead latents", ".1%", "share of latents that never fired held out"),
+    Metric(
+        "dlm_scope_delta_lm_mask",
+        "DLM-Scope delta LM (mask)",
+        ".4f",
+        "DLM-Scope's spliced loss: reconstruction at ALL positions, masked-token cross entropy "
+        "weighted 1/t, minus the clean one; mean over t in [0.05, 0.5]",
+    ),
+    Metric(
+        "dlm_scope_delta_lm_unmask",
+        "DLM-Scope delta LM (unmask)",
+        ".4f",
+        "as above at the unmasked positions, weighted 1/(1 - t)",
+    ),
+    Metric(
+        "policy_splice_delta_ce",
+        "delta CE (policy splice)",
+        ".4f",
+        "hub-sae's spliced loss: reconstruction at the policy's positions only, masked-token "
+        "cross entropy weighted 1/t, minus the clean one",
+    ),
+    Metric(
+        "policy_splice_loss_recovered",
+        "loss recovered (policy splice)",
+        ".3f",
+        "share of the zero-ablation loss increase that the policy splice avoids",
+    ),
+    Metric(
+        "output_recovered",
+        "output recovered (policy splice)",
+        ".3f",
+        "models without an LM head: 1 - relative MSE of the final hidden state, spliced vs zeroed",
+    ),
+    Metric(
+        "cosine_spliced",
+        "cosine to clean output (policy splice)",
+        ".4f",
+        "models without an LM head: cosine of the spliced final hidden state to the clean one",
+    ),
+)
+T_BINS = ((0.05, 0.14), (0.14, 0.23), (0.23, 0.32), (0.32, 0.41), (0.41, 0.5), (0.5, 0.95))
+"""Masking-ratio bins of `evaluate_by_t`: five over the training range, one beyond it."""
+TRAINING_RANGE = (0.05, 0.5)
 
 DENSITY_BINS = torch.linspace(-6, 0, 13)
 """log10 firing-frequency bin edges of the density histogram (never-firing latents counted apart)."""
@@ -47,6 +116,8 @@ class _Moments:
         self.sum_sq += x64.pow(2).sum().item()
 
     def fvu(self) -> float:
+        if self.n < 2:
+            return math.nan
         total = self.sum_sq - self.sum.pow(2).sum().item() / self.n
         return self.sq_err / total
 
@@ -57,6 +128,17 @@ def masked_lm_loss(logits: Tensor, targets: Tensor, batch: CorruptedBatch) -> Te
         targets
     )
     weights = batch.is_masked.float() / batch.p.clamp_min(1e-6)[:, None]
+    return (ce * weights).sum() / targets.numel()
+
+
+def unmasked_lm_loss(logits: Tensor, targets: Tensor, batch: CorruptedBatch) -> Tensor:
+    """DLM-Scope's unmask variant: cross entropy on visible tokens but BOS weighted 1/(1 - p)."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(
+        targets
+    )
+    visible = ~batch.is_masked
+    visible[:, 0] = False
+    weights = visible.float() / (1 - batch.p).clamp_min(1e-6)[:, None]
     return (ce * weights).sum() / targets.numel()
 
 
@@ -95,7 +177,7 @@ def _splice_metrics(
         if base.has_lm_head:
             if batch.is_masked.any():
                 for name, logits in out.items():
-                    add(f"ce_{name}", masked_lm_loss(logits, input_ids, batch))
+                    add(f"policy_splice_ce_{name}", masked_lm_loss(logits, input_ids, batch))
         else:
             real = attention_mask.bool()
             clean = out["clean"][real].float()
@@ -105,15 +187,117 @@ def _splice_metrics(
                 add(f"rel_mse_{name}", (other - clean).pow(2).sum() / clean.pow(2).sum())
     n = len(batches)
     metrics = {name: value / n for name, value in sums.items()}
-    if "ce_clean" in metrics:
-        gap = metrics["ce_zero"] - metrics["ce_clean"]
-        metrics["loss_recovered"] = (
-            (metrics["ce_zero"] - metrics["ce_spliced"]) / gap if gap else math.nan
+    if "policy_splice_ce_clean" in metrics:
+        clean, spliced, zero = (
+            metrics[f"policy_splice_ce_{n}"] for n in ("clean", "spliced", "zero")
         )
-        metrics["delta_loss"] = metrics["ce_spliced"] - metrics["ce_clean"]
+        gap = zero - clean
+        metrics["policy_splice_loss_recovered"] = (zero - spliced) / gap if gap else math.nan
+        metrics["policy_splice_delta_ce"] = spliced - clean
     if "rel_mse_zero" in metrics:
         metrics["output_recovered"] = 1 - metrics["rel_mse_spliced"] / metrics["rel_mse_zero"]
     return metrics
+
+
+class _BinSums:
+    """Running sums of one SAE in one t bin, per position group (masked / unmasked)."""
+
+    GROUPS = ("masked", "unmasked")
+
+    def __init__(self, d: int):
+        self.moments = {g: _Moments(d) for g in self.GROUPS}
+        self.active = dict.fromkeys(self.GROUPS, 0.0)
+        self.delta = {"mask": 0.0, "unmask": 0.0}
+        self.t: list[float] = []
+
+    def row(self, t_min: float, t_max: float) -> dict:
+        n = len(self.t)
+        row = {"t_min": t_min, "t_max": t_max, "t_mean": sum(self.t) / n}
+        for g in self.GROUPS:
+            tokens = self.moments[g].n
+            row[f"{g}_tokens"] = tokens
+            row[f"fvu_{g}"] = self.moments[g].fvu()
+            row[f"l0_{g}"] = self.active[g] / tokens if tokens else math.nan
+        row.update({f"dlm_scope_delta_lm_{v}": d / n for v, d in self.delta.items()})
+        return row
+
+
+@torch.no_grad()
+def evaluate_by_t(
+    base: BaseModel,
+    saes: dict[tuple[int, int], TopKSAE],
+    data: DataConfig,
+    batches_per_bin: int = 1,
+    seed: int = 0,
+    bins: tuple[tuple[float, float], ...] = T_BINS,
+) -> dict[tuple[int, int], list[dict]]:
+    """Per SAE and bin of the masking ratio t: FVU and L0 at masked and at unmasked positions and
+    DLM-Scope's spliced losses (with an LM head).
+
+    Every bin reads the same `batches_per_bin` held-out batches, masked with one t ~ U(bin) per
+    batch; the SAEs see every real position but BOS, whatever their training policy.
+    """
+    batches = list(
+        itertools.islice(
+            token_batches(data, base.tokenizer, base.bos_token_id, base.eos_token_id),
+            batches_per_bin,
+        )
+    )
+    if not batches:
+        raise ValueError(f"no held-out batch from {data.corpus!r} ({data.split}) to bin by t.")
+    layers = sorted({layer for layer, _ in saes})
+    generator = torch.Generator(base.device).manual_seed(seed)
+    rows: dict[tuple[int, int], list[dict]] = {key: [] for key in saes}
+    for t_min, t_max in bins:
+        sums = {key: _BinSums(sae.d_in) for key, sae in saes.items()}
+        for input_ids, attention_mask in batches:
+            input_ids, attention_mask = input_ids.to(base.device), attention_mask.to(base.device)
+            batch = corrupt(
+                input_ids,
+                attention_mask,
+                base.mask_token_id,
+                "all",
+                Corruption(t_min=t_min, t_max=t_max),
+                generator,
+            )
+            acts = capture(base, batch.input_ids, attention_mask, layers)
+            groups = {"masked": batch.is_masked, "unmasked": batch.selected & ~batch.is_masked}
+            clean = base.run(batch.input_ids, attention_mask) if base.has_lm_head else None
+            for (layer, k), sae in saes.items():
+                h = acts[layer]
+                out = sae(h.flatten(0, 1).to(sae.device, sae.dtype))
+                recon = out.reconstruction.view_as(h).to(h.dtype)
+                active = (out.latents.top_acts > 0).sum(-1).view(h.shape[:2]).cpu()
+                bin_sums = sums[layer, k]
+                bin_sums.t.append(float(batch.p[0]))
+                for group, where in groups.items():
+                    bin_sums.moments[group].add(h[where], recon[where])
+                    bin_sums.active[group] += float(active[where.cpu()].sum())
+                if clean is None:
+                    continue
+                with splice(base, layer, lambda _, recon=recon: recon):
+                    spliced = base.run(batch.input_ids, attention_mask)
+                for variant, loss in (("mask", masked_lm_loss), ("unmask", unmasked_lm_loss)):
+                    delta = loss(spliced, input_ids, batch) - loss(clean, input_ids, batch)
+                    bin_sums.delta[variant] += float(delta)
+        for key, bin_sums in sums.items():
+            row = bin_sums.row(t_min, t_max)
+            if not base.has_lm_head:
+                row = {name: v for name, v in row.items() if not name.startswith("dlm_scope")}
+            rows[key].append(row)
+    return rows
+
+
+def by_t_summary(rows: list[dict]) -> dict[str, float]:
+    """DLM-Scope's delta LM over the training range: the mean of the bins inside it."""
+    inside = [
+        r for r in rows if TRAINING_RANGE[0] <= r["t_min"] and r["t_max"] <= TRAINING_RANGE[1]
+    ]
+    return {
+        key: sum(r[key] for r in inside) / len(inside)
+        for key in ("dlm_scope_delta_lm_mask", "dlm_scope_delta_lm_unmask")
+        if inside and key in inside[0]
+    }
 
 
 def density_histogram(frequency: Tensor) -> dict:
@@ -137,8 +321,14 @@ def evaluate_suite(
     max_tokens: int,
     seed: int = 0,
     splice_batches: int = 4,
+    by_t_batches: int = 1,
 ) -> dict[tuple[int, int], dict]:
-    """Metrics per (layer, k) on held-out text; one base-model forward feeds every layer's SAEs."""
+    """Metrics per (layer, k) on held-out text; one base-model forward feeds every layer's SAEs.
+
+    The embedded default gets its fitted unmasking head first (cached after the first fit), so
+    its spliced losses are cross entropies; `by_t_batches` batches feed each t bin (0: none).
+    """
+    base = with_unmasking_head(base)
     layers = sorted({layer for layer, _ in saes})
     moments = {key: _Moments(sae.d_in) for key, sae in saes.items()}
     counts = {key: torch.zeros(sae.d_sae) for key, sae in saes.items()}
@@ -163,6 +353,7 @@ def evaluate_suite(
             f"no held-out activations from {data.corpus!r} ({data.split}) under policy {policy!r}."
         )
 
+    by_t = evaluate_by_t(base, saes, data, by_t_batches, seed) if by_t_batches else {}
     metrics = {}
     for key, sae in saes.items():
         frequency = counts[key] / tokens
@@ -178,6 +369,8 @@ def evaluate_suite(
             "density_histogram": density_histogram(frequency),
             **_splice_metrics(base, sae, kept),
         }
+        if key in by_t:
+            metrics[key].update(by_t_summary(by_t[key]), by_t=by_t[key])
     return metrics
 
 
@@ -209,7 +402,6 @@ def evaluate_saved_suite(
     and the summary metrics.json at the root, only once every SAE is evaluated; returns the metrics
     per (layer, k). Nothing is read or written outside `root`.
     """
-    from hub_sae.cards import METRICS, SUMMARY_FILE
     from hub_sae.io import write_json
     from hub_sae.suite import DTYPES, layer_folders, read_suite
 

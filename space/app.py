@@ -16,14 +16,17 @@ from collections.abc import Callable
 
 import gradio as gr
 import pandas as pd
-from diffusion import Decoding, Steering
-from explorer import Analysis, Explorer, InputError
+from explorer import Analysis, DecodeRun, Explorer, InputError
+
+from hub_sae.diffusion import Generation, Steer
 
 EXAMPLE = "The [MASK] statement is used to leave a loop early, and [MASK] skips to the next one."
 CONCURRENCY, QUEUE_SIZE = 2, 64
 CSS = """
 #heatmap .score-token:not(.highlighted) { opacity: 0.45; }
+.timeline td { font-size: 12px; padding: 2px 4px; }
 """
+STEER_POSITIONS = "still-masked positions, all, or indices such as 3, 5"
 HeatMap = list[tuple[str, float | None]]
 
 
@@ -95,58 +98,150 @@ def show_token(
     return explorer.token_table(_analysis(explorer, prompt, ratio, seed), layer, position)
 
 
-def decoded_text(explorer: Explorer, decoding: Decoding, prompt_ids, reference=None) -> HeatMap:
-    """The decoded sequence, generated positions labelled (`changed` where it differs)."""
+def decoded_text(explorer: Explorer, run: DecodeRun, generation: Generation) -> HeatMap:
+    """The decoded sequence, decoded positions labelled (`changed` where it differs from plain)."""
+    plain = run.plain.tokens[0].tolist()
     out = []
-    for i, token in enumerate(decoding.ids.tolist()):
-        label = None
-        if prompt_ids[i] == explorer.base.mask_token_id:
-            changed = reference is not None and reference[i] != token
-            label = "changed" if changed else ("same" if reference is not None else "generated")
-        out.append((explorer.token_text(token), label))
+    for i, token in enumerate(generation.tokens[0].tolist()):
+        if not run.decoded[i]:
+            out.append((run.prompt.tokens[i], None))
+            continue
+        label = "generated"
+        if generation is not run.plain:
+            label = "changed" if plain[i] != token else "same"
+        out.append((" " + explorer.token_text(token).strip(), label))
     return out
 
 
-def trace_table(explorer: Explorer, decoding: Decoding, watch: int) -> pd.DataFrame:
-    """One row per denoising step: committed tokens, masks left, strongest features."""
-    rows = [
-        {
-            "step": i + 1,
-            "committed": ", ".join(
-                f"{p}:{explorer.token_text(t).strip()}" for p, t in step.committed.items()
-            ),
-            "masked left": step.masked_left,
-            "top features (max act)": ", ".join(f"{f} ({v:.2f})" for f, v in step.top_features),
-            f"feature {watch}": round(step.watched, 3),
-        }
-        for i, step in enumerate(decoding.steps)
-    ]
-    return pd.DataFrame(rows)
+def timeline_frame(explorer: Explorer, run: DecodeRun, generation: Generation):
+    """Positions x steps: the token once committed (with its confidence at the committing step),
+    `…` while masked; shaded by the steered feature's activation (darker = stronger)."""
+    timeline, tokens = generation.timeline, generation.tokens[0]
+    masked, commit = timeline.masked[:, 0], timeline.commit_step[0]
+    (layer,) = timeline.layers
+    watched = timeline.layers[layer].watched[:, 0, :, 0]
+    columns = ["step"] + [f"{p}:{explorer.token_text(t).strip()}" for p, t in enumerate(tokens)]
+    rows = []
+    for step in range(len(masked)):
+        row = [step + 1]
+        for p, token in enumerate(tokens.tolist()):
+            text = explorer.token_text(token).strip()
+            if int(commit[p]) == step:
+                row.append(f"{text} ({float(timeline.confidence[0, p]):.2f})")
+            else:
+                row.append("…" if masked[step, p] else text)
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=columns)
+    scale = float(watched.abs().max().clamp_min(1e-12))
+
+    def shade(_: pd.DataFrame) -> pd.DataFrame:
+        styles = pd.DataFrame("", index=frame.index, columns=frame.columns)
+        for step in range(len(masked)):
+            for p in range(len(tokens)):
+                alpha = min(1.0, float(watched[step, p]) / scale)
+                colour = f"background-color: rgba(255, 120, 0, {alpha:.2f})"
+                bold = "; font-weight: bold" if int(commit[p]) == step else ""
+                styles.iat[step, p + 1] = colour + bold
+        return styles
+
+    return frame.style.apply(shade, axis=None)
+
+
+def decode_summary(run: DecodeRun) -> str:
+    """Markdown: what was steered, and its effect and damage in the model's own numbers."""
+    steer = run.steer
+    features = ", ".join(map(str, steer.features))
+    positions = steer.positions if isinstance(steer.positions, str) else list(steer.positions)
+    window = f"{steer.window[0]:.0%}-{steer.window[1]:.0%} of the steps"
+    return (
+        f"Steered feature(s) {features} of layer {steer.layer}: {steer.mode} {steer.value:g} "
+        f"at {positions} positions during {window}.\n\n"
+        "| | unsteered | steered |\n|---|---|---|\n"
+        f"| mean activation of the steered feature(s) | {run.activation[0]:.3f} | "
+        f"{run.activation[1]:.3f} |\n"
+        f"| masked-token log-likelihood per token (the model's own) | "
+        f"{run.log_likelihood[0]:.3f} | {run.log_likelihood[1]:.3f} |"
+    )
+
+
+def parse_steer(
+    layer: int, feature: float, value: float, mode: str, share: float, positions: str
+) -> Steer:
+    """A `Steer` from the Decode tab's inputs (positions: masked, all, or comma-separated)."""
+    text = (positions or "masked").strip().lower()
+    if text in ("masked", "all"):
+        where: str | tuple[int, ...] = text
+    else:
+        try:
+            where = tuple(int(p) for p in text.replace(",", " ").split())
+        except ValueError:
+            raise InputError(f"Steer at: {STEER_POSITIONS}; got {positions!r}.") from None
+    try:
+        return Steer(
+            int(layer),
+            (int(feature or 0),),
+            float(value or 0.0),
+            mode or "clamp",
+            (0.0, float(share or 1.0)),
+            where,
+        )
+    except ValueError as e:
+        raise InputError(str(e)) from e
+
+
+def _run(explorer, prompt, layer, ratio, seed, steps, feature, value, mode, share, positions):
+    feature = explorer.check_feature(layer, feature)
+    steer = parse_steer(layer, feature, value, mode, share, positions)
+    if not isinstance(steer.positions, str):
+        n = len(explorer.prepare(prompt, float(ratio or 0.0), explorer.check_seed(seed)).tokens)
+        if not all(0 <= p < n for p in steer.positions):
+            raise InputError(f"Steer positions must lie in 0..{n - 1}; got {positions!r}.")
+    return explorer.decode(
+        prompt, float(ratio or 0.0), explorer.check_seed(seed), int(steps or 1), steer
+    )
 
 
 @user_errors
-def decode(
-    explorer: Explorer,
-    prompt: str,
-    layer: int,
-    ratio: float,
-    seed: float,
-    steps: int,
-    feature: int,
-    value: float,
-) -> tuple[HeatMap, HeatMap, pd.DataFrame, pd.DataFrame]:
-    """Plain and steered decoding side by side, with the features seen at each step."""
-    steering = Steering(int(feature or 0), float(value or 0.0))
-    p, plain, steered = explorer.decode(
-        prompt, float(ratio or 0.0), explorer.check_seed(seed), layer, int(steps or 1), steering
-    )
-    ids = p.input_ids.tolist()
+def decode(explorer: Explorer, *args) -> tuple:
+    """Plain and steered decoding side by side, their numbers and their timelines.
+
+    args: prompt, layer, ratio, seed, steps, feature, value, mode, share (first share of the
+    steps), positions.
+    """
+    run = _run(explorer, *args)
     return (
-        decoded_text(explorer, plain, ids),
-        decoded_text(explorer, steered, ids, plain.ids.tolist()),
-        trace_table(explorer, plain, steering.feature),
-        trace_table(explorer, steered, steering.feature),
+        decoded_text(explorer, run, run.plain),
+        decoded_text(explorer, run, run.steered),
+        decode_summary(run),
+        timeline_frame(explorer, run, run.plain),
+        timeline_frame(explorer, run, run.steered),
     )
+
+
+@user_errors
+def timeline_cell(
+    explorer: Explorer, which: str, cell: list[int], *args
+) -> tuple[str, pd.DataFrame]:
+    """The features of one timeline cell ([step row, column]; column 0 is the step number)."""
+    run = _run(explorer, *args)
+    generation = run.plain if which == "unsteered" else run.steered
+    step, column = int(cell[0]), int(cell[1])
+    position = max(column - 1, 0)
+    token = explorer.token_text(int(generation.tokens[0, position])).strip()
+    state = "masked" if generation.timeline.masked[step, 0, position] else "committed"
+    title = f"{which}: step {step + 1}, position {position} (`{token}`, {state} then)"
+    return title, explorer.cell_features(generation, step, position)
+
+
+def cell_picker(explorer: Explorer, which: str) -> Callable:
+    """The select handler of one timeline: the clicked cell's features (Gradio passes the cell)."""
+
+    def pick(prompt, layer, ratio, seed, steps, feature, value, mode, share, positions,
+             evt: gr.SelectData):  # fmt: skip
+        args = (prompt, layer, ratio, seed, steps, feature, value, mode, share, positions)
+        return timeline_cell(explorer, which, evt.index, *args)
+
+    return pick
 
 
 def explore_tab(explorer: Explorer, inputs: list[gr.Component]) -> gr.Number:
@@ -201,34 +296,54 @@ def explore_tab(explorer: Explorer, inputs: list[gr.Component]) -> gr.Number:
 
 
 def decode_tab(explorer: Explorer, inputs: list[gr.Component], explored: gr.Number) -> None:
-    """Iterative decoding of the masked positions, plain and with one feature clamped (by default
-    the feature shown in the Explore tab)."""
+    """Decoding of the masked positions, plain and with a feature steered over a window of steps
+    (by default the feature shown in the Explore tab), and each decode's timeline."""
     if explorer.head is None:
         gr.Markdown(f"Decoding needs an LM head; `{explorer.base.name}` has none.")
         return
     gr.Markdown(
-        "LLaDA-style decoding: each step predicts every masked position and commits the most "
-        "confident ones. The steered run clamps one feature at the analysed positions "
-        "(the SAE error term is kept, so only that feature's change moves the residual)."
+        f"LLaDA's decoding (greedy, low-confidence remasking) of `{explorer.base.name}`: each "
+        "step predicts every masked position and commits the most confident ones. The steered "
+        "run adds to or clamps one feature (the SAE error term is kept, so only that feature's "
+        "change moves the residual)."
     )
     with gr.Row():
         steps = gr.Slider(1, 64, value=8, step=1, label="Steps")
-        feature = gr.Number(label="Feature to clamp", precision=0, minimum=0, value=0)
-        value = gr.Number(label="Clamp value", value=10.0)
+        feature = gr.Number(label="Feature to steer", minimum=0, value=0)
+        value = gr.Number(label="Value", value=10.0)
+        mode = gr.Radio(["clamp", "add"], value="clamp", label="Steering")
+    with gr.Row():
+        share = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Steer during the first share")
+        positions = gr.Textbox(value="masked", label=f"Steer at ({STEER_POSITIONS})")
     explored.change(lambda f: f, explored, feature, api_name=False)
     run = gr.Button("Decode", variant="primary")
     with gr.Row():
         plain = gr.HighlightedText(label="Unsteered", elem_id="plain")
         steered = gr.HighlightedText(label="Steered", elem_id="steered")
-    with gr.Row():
-        plain_trace = gr.Dataframe(label="Unsteered: per step", interactive=False, wrap=True)
-        steered_trace = gr.Dataframe(label="Steered: per step", interactive=False, wrap=True)
+    summary = gr.Markdown()
+    gr.Markdown(
+        "**Timelines** (rows: steps, columns: positions; shaded by the steered feature; bold: "
+        "committed at that step, with its confidence). Click a cell for its features."
+    )
+    plain_timeline = gr.Dataframe(
+        label="Unsteered timeline", elem_id="timeline", elem_classes="timeline", interactive=False
+    )
+    steered_timeline = gr.Dataframe(
+        label="Steered timeline", elem_classes="timeline", interactive=False
+    )
+    cell_title = gr.Markdown()
+    cell = gr.Dataframe(label="Features of the cell", interactive=False)
+    decode_inputs = [*inputs, steps, feature, value, mode, share, positions]
     run.click(
         functools.partial(decode, explorer),
-        inputs=[*inputs, steps, feature, value],
-        outputs=[plain, steered, plain_trace, steered_trace],
+        inputs=decode_inputs,
+        outputs=[plain, steered, summary, plain_timeline, steered_timeline],
         api_name="decode",
     )
+    for which, frame in (("unsteered", plain_timeline), ("steered", steered_timeline)):
+        frame.select(
+            cell_picker(explorer, which), decode_inputs, [cell_title, cell], api_name=False
+        )
 
 
 def build_app(source: str | Explorer | None = None) -> gr.Blocks:

@@ -17,15 +17,16 @@ from typing import NamedTuple
 
 import pandas as pd
 import torch
-from diffusion import Decoding, Steering, denoise, vocab_limit
 from huggingface_hub.errors import EntryNotFoundError
 from torch import Tensor, nn
 
 from hub_sae.activations import capture
+from hub_sae.diffusion import Generation, Steer, generate, masked_log_likelihood, vocab_limit
 from hub_sae.features import FEATURES_FILE, FeatureStats, load_features
 from hub_sae.io import HubOptions, inside, local_path
 from hub_sae.masking import Corruption, corrupt, select_positions
 from hub_sae.models import BaseModel, load_base_model
+from hub_sae.models.unmasking import with_unmasking_head
 from hub_sae.sae import EncoderOutput, TopKSAE
 from hub_sae.suite import SUITE_FILE, SuiteInfo, read_suite
 
@@ -127,6 +128,22 @@ class Prompt:
     """Display text of each position, its leading whitespace included."""
 
 
+class DecodeRun(NamedTuple):
+    """A decode of a prompt's masked positions, plain and steered, with the model's own numbers."""
+
+    prompt: Prompt
+    plain: Generation
+    steered: Generation
+    steer: Steer
+    decoded: Tensor
+    """[T] bool: the positions the decode filled in."""
+    activation: tuple[float, float]
+    """Mean activation of the steered features over the decoded positions and steps (plain,
+    steered), read after the intervention."""
+    log_likelihood: tuple[float, float]
+    """The model's masked-token log-likelihood per token of each result (plain, steered)."""
+
+
 class Analysis(NamedTuple):
     prompt: Prompt
     latents: dict[int, EncoderOutput]
@@ -148,6 +165,7 @@ class Explorer:
 
     def __post_init__(self) -> None:
         self.analyse = lru_cache(maxsize=CACHE_SIZE)(self._analyse)
+        self.decode = lru_cache(maxsize=CACHE_SIZE)(self._decode)
         self.head = unembed(self.base)
         if self.default_layer not in self.saes:
             self.default_layer = self.layers[len(self.layers) // 2]
@@ -171,7 +189,7 @@ class Explorer:
             raise ValueError(f"{source} names no base model; pass one (--base-model)")
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         return cls(
-            base=load_base_model(base_model, dtype=dtype, device=device),
+            base=with_unmasking_head(load_base_model(base_model, dtype=dtype, device=device)),
             saes={layer: sae.to(device) for layer, sae in saes.items()},
             policy=info.policy if info else first.policy,
             features={layer: suite_features(source, info, sae) for layer, sae in saes.items()},
@@ -418,10 +436,11 @@ class Explorer:
             lines.append(f"Logit lens: `{self.base.name}` has no LM head.")
         return "\n\n".join(lines)
 
-    def decode(
-        self, text: str, ratio: float, seed: int, layer: int, steps: int, steering: Steering
-    ) -> tuple[Prompt, Decoding, Decoding]:
-        """The prompt, its plain decoding and its decoding with one latent clamped."""
+    @torch.no_grad()
+    def _decode(self, text: str, ratio: float, seed: int, steps: int, steer: Steer) -> DecodeRun:
+        """Fill in the prompt's masks with LLaDA's sampler (greedy, low-confidence remasking),
+        once plain and once with `steer`; every step's top features of its layer are recorded.
+        Cached: clicking a cell of the timeline reads the same run again."""
         if self.head is None:
             raise InputError(f"Decoding needs an LM head; {self.base.name} has none.")
         prompt = self.prepare(text, ratio, seed)
@@ -431,20 +450,40 @@ class Explorer:
             )
         if not 1 <= int(steps) <= self.max_tokens:
             raise InputError(f"Steps must lie between 1 and {self.max_tokens}; got {steps}.")
-        sae = self.saes[self.check_layer(layer)]
-        steering = Steering(self.check_feature(layer, steering.feature), float(steering.value))
-        runs = []
+        layer = self.check_layer(steer.layer)
+        for feature in steer.features:
+            self.check_feature(layer, feature)
+        saes = {layer: self.saes[layer]}
+        ids = prompt.input_ids[None]
         with self.lock:
-            for clamp in (None, steering):
-                runs.append(
-                    denoise(
-                        self.base,
-                        sae,
-                        prompt.input_ids,
-                        int(steps),
-                        self.policy,
-                        clamp,
-                        steering.feature,
-                    )
-                )
-        return prompt, runs[0], runs[1]
+            plain = generate(self.base, ids, int(steps), 0, saes=saes, watch=steer.features)
+            steered = generate(self.base, ids, int(steps), 0, saes=saes, steering=[steer])
+        decoded = prompt.is_masked
+        numbers = [
+            (
+                float(run.timeline.layers[layer].watched[:, 0, decoded].mean()),
+                masked_log_likelihood(self.base, run.tokens[0], decoded),
+            )
+            for run in (plain, steered)
+        ]
+        activation, log_likelihood = zip(*numbers, strict=True)
+        return DecodeRun(prompt, plain, steered, steer, decoded, activation, log_likelihood)
+
+    def cell_features(self, generation: Generation, step: int, position: int) -> pd.DataFrame:
+        """The top features of one position at one step of a decode, with the state of the cell."""
+        (layer,) = generation.timeline.layers
+        trace = generation.timeline.layers[layer]
+        if not (0 <= step < len(trace.top_acts) and 0 <= position < trace.top_acts.shape[2]):
+            raise InputError(f"No timeline cell at step {step}, position {position}.")
+        acts, indices = trace.top_acts[step, 0, position], trace.top_indices[step, 0, position]
+        stats = self.features.get(layer)
+        rows = [
+            {
+                "feature": int(f),
+                "activation": round(float(a), 4),
+                "frequency %": None if stats is None else round(100 * float(stats.frequency[f]), 3),
+            }
+            for a, f in zip(acts, indices, strict=True)
+            if a > 0
+        ]
+        return pd.DataFrame(rows, columns=["feature", "activation", "frequency %"])

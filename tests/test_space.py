@@ -14,19 +14,18 @@ from gradio_client import Client
 sys.path.insert(0, str(Path(__file__).parents[1] / "space"))
 
 import app  # noqa: E402
-from diffusion import Steering, clamp_latent, commit_schedule, denoise  # noqa: E402
 from explorer import LLADA_SUITE, Explorer, default_suite  # noqa: E402
 
 from hub_sae.activations import capture  # noqa: E402
+from hub_sae.diffusion import Steer, masked_log_likelihood  # noqa: E402
 from hub_sae.models.llada import save_llada_model  # noqa: E402
 from hub_sae.sae import TopKSAE  # noqa: E402
 from hub_sae.suite import SuiteInfo, save_suite  # noqa: E402
+from tests.test_diffusion import LLADA_MASK, save_llada_tokenizer  # noqa: E402
 from tests.test_formats import populate_hub_cache, raw_weights, write_dictionary_learning  # noqa: E402
 from tests.test_llada import tiny_model  # noqa: E402
 
 PROMPT = "The [MASK] statement is used to leave a loop early, and [MASK] skips ahead."
-WORDS = ["<|startoftext|>", "<|endoftext|>", "[UNK]", "the", "cat", "sat", "on", "a", "mat", "dog"]
-LLADA_MASK = "<|mdm_mask|>"
 CLIENTS, REQUESTS = 20, 3
 
 
@@ -121,8 +120,8 @@ def test_analyse_handler_defaults_to_the_most_active_feature(explorer):
     assert max(s for _, s in heat if s is not None) == 1.0
     assert position.value in masked_positions(explorer, PROMPT)
     assert feature in set(table["feature"]) and "2 analysed" in info
-    assert f"Feature {feature}" in summary and "Fires on" in summary and "no LM head" in summary
-    assert lens.empty and (contexts.empty or contexts["context"].str.contains("⟦").all())
+    assert f"Feature {feature}" in summary and "Fires on" in summary and "no LM head" not in summary
+    assert len(lens) == 10 and (contexts.empty or contexts["context"].str.contains("⟦").all())
 
 
 def test_contexts_mark_the_centre_token(explorer):
@@ -153,23 +152,46 @@ def test_bad_inputs_are_clear_errors(explorer):
     for seed in (1e30, -1, "abc", float("nan")):
         with pytest.raises(gr.Error, match="Seed must be a whole number between 0 and 4294967295"):
             app.analyse(explorer, PROMPT, 3, 0.5, seed)
-    with pytest.raises(gr.Error, match="needs an LM head"):
-        app.decode(explorer, PROMPT, 3, 0.0, 0, 4, 0, 1.0)
+    with pytest.raises(gr.Error, match="Nothing to decode"):
+        app.decode(explorer, "No mask here.", 3, 0.0, 0, 4, 0, 1.0, "clamp", 1.0, "masked")
+    with pytest.raises(gr.Error, match="Steer at"):
+        app.decode(explorer, PROMPT, 3, 0.0, 0, 4, 0, 1.0, "clamp", 1.0, "first")
+    with pytest.raises(gr.Error, match="Feature must be a whole number"):
+        app.decode(explorer, PROMPT, 3, 0.0, 0, 4, "abc", 1.0, "clamp", 1.0, "masked")
+    with pytest.raises(gr.Error, match=r"must lie in 0\.\.18"):
+        app.decode(explorer, PROMPT, 3, 0.0, 0, 4, 0, 1.0, "clamp", 1.0, "3, 99")
+
+
+def test_default_decodes_with_its_unmasking_head(explorer):
+    """The embedded default (MiniLM + fitted head): decode, timeline, steering, cell features."""
+    assert explorer.head is not None and explorer.base.has_lm_head
+    masks = masked_positions(explorer, PROMPT)
+    args = (PROMPT, 3, 0.0, 0, 2, 7, 50.0, "clamp", 0.5, "masked")
+    plain, steered, summary, plain_frame, steered_frame = app.decode(explorer, *args)
+    assert [label for _, label in plain].count("generated") == 2
+    assert "[MASK]" not in "".join(token for token, _ in plain)
+    frame = plain_frame.data
+    assert list(frame["step"]) == [1, 2] and frame.shape[1] == len(plain) + 1
+    assert [frame.iloc[0, p + 1] for p in masks].count("…") == 1  # one mask left after step 1
+    run = explorer.decode(PROMPT, 0.0, 0, 2, app.parse_steer(3, 7, 50.0, "clamp", 0.5, "masked"))
+    assert run.activation[1] > run.activation[0] and "unsteered | steered" in summary
+    decoded = run.decoded
+    assert run.log_likelihood[0] == masked_log_likelihood(
+        explorer.base, run.plain.tokens[0], decoded
+    )
+    title, cell = app.timeline_cell(explorer, "steered", [0, masks[0] + 1], *args)
+    assert f"position {masks[0]}" in title and "masked then" in title
+    trace = run.steered.timeline.layers[3]
+    assert list(cell["feature"]) == [
+        int(f)
+        for f, a in zip(
+            trace.top_indices[0, 0, masks[0]], trace.top_acts[0, 0, masks[0]], strict=True
+        )
+        if a > 0
+    ]
 
 
 # --- a tiny random LLaDA with SAEs made by TopKSAE directly ---------------------------------
-
-
-def save_llada_tokenizer(path: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(WORDS)} | {LLADA_MASK: 299}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=WORDS[0], eos_token=WORDS[1], mask_token=LLADA_MASK
-    ).save_pretrained(path)
 
 
 @pytest.fixture(scope="module")
@@ -188,47 +210,14 @@ def llada_prompt(n_masks: int = 4) -> str:
     return " ".join(["the", "cat", *[LLADA_MASK] * n_masks, "on", "a", "mat"])
 
 
-def test_commit_schedule_spreads_the_masks_over_the_steps():
-    assert commit_schedule(10, 4) == [3, 3, 2, 2]
-    assert commit_schedule(3, 8) == [1, 1, 1] and commit_schedule(0, 4) == []
-
-
-def test_decoding_unmasks_a_few_positions_per_step(llada):
-    prompt = llada.prepare(llada_prompt(5))
-    out = denoise(llada.base, llada.saes[1], prompt.input_ids, steps=3)
-    left = [step.masked_left for step in out.steps]
-    assert left == [3, 1, 0] and [len(s.committed) for s in out.steps] == [2, 2, 1]
-    assert not (out.ids == llada.base.mask_token_id).any()
-    kept = ~prompt.is_masked
-    assert torch.equal(out.ids[kept], prompt.input_ids[kept])
-    assert all(step.top_features for step in out.steps)
-
-
 def test_large_clamp_steers_to_the_features_logit_lens_token(llada):
-    prompt = llada.prepare(llada_prompt(4))
-    sae = llada.saes[2]  # the last block: its output goes straight to ln_f and the head
+    text = llada_prompt(4)
     lens = llada.logit_lens(2, 5, n=3)
     target = next(t for t in lens["token"] if t != LLADA_MASK)
-    plain = denoise(llada.base, sae, prompt.input_ids, steps=4)
-    steered = denoise(llada.base, sae, prompt.input_ids, 4, steering=Steering(5, 1e4))
-    generated = [llada.token_text(t) for t in steered.ids[prompt.is_masked]]
-    assert generated == [target] * 4 and not torch.equal(plain.ids, steered.ids)
-
-
-def test_clamp_to_the_features_own_value_changes_nothing(llada):
-    sae = llada.saes[1]
-    h = torch.randn(1, 64)
-    top_acts, top_indices = sae.encode(h)  # the same rows as clamp_latent's, so the same rounding
-    feature, own = int(top_indices[0, 0]), float(top_acts[0, 0])
-    assert torch.equal(clamp_latent(sae, h, Steering(feature, own)), h)
-    prompt = llada.prepare(llada_prompt(1))
-    position = int(prompt.is_masked.nonzero())
-    resid = capture(llada.base, prompt.input_ids[None], None, [1])[1][0, position]
-    acts, indices = sae.encode(resid)
-    for f, value in ((int(indices[0]), float(acts[0])), (int(indices[-1]), float(acts[-1]))):
-        plain = denoise(llada.base, sae, prompt.input_ids, 1)
-        clamped = denoise(llada.base, sae, prompt.input_ids, 1, steering=Steering(f, value))
-        assert torch.equal(plain.ids, clamped.ids)
+    run = llada.decode(text, 0.0, 0, 4, Steer(2, (5,), 1e4))
+    generated = [llada.token_text(t) for t in run.steered.tokens[0, run.decoded]]
+    assert generated == [target] * 4 and not torch.equal(run.plain.tokens, run.steered.tokens)
+    assert run.log_likelihood[1] < run.log_likelihood[0]
 
 
 def test_default_is_the_published_llada_release(llada, tmp_path, monkeypatch):
@@ -257,11 +246,13 @@ def test_llada_handlers_decode_and_show_the_logit_lens(llada):
     *_, heat, summary, contexts, lens = app.analyse(llada, text, 1, 0.0, 0)
     assert len(lens) == 10 and "No feature statistics" in summary and contexts.empty
     assert [s is not None for _, s in heat] == [False, False, False, True, True, True] + [False] * 3
-    plain, steered, plain_trace, steered_trace = app.decode(llada, text, 2, 0.0, 0, 3, 5, 1e4)
+    plain, steered, summary, plain_frame, steered_frame = app.decode(
+        llada, text, 2, 0.0, 0, 3, 5, 1e4, "clamp", 1.0, "masked"
+    )
     assert [label for _, label in plain].count("generated") == 3
     assert {label for _, label in steered} <= {None, "changed", "same"}
-    assert list(plain_trace["masked left"]) == [2, 1, 0] and len(steered_trace) == 3
-    assert "feature 5" in plain_trace.columns
+    masked_left = [(row[4:7] == "…").sum() for row in plain_frame.data.to_numpy()]  # 3..5
+    assert masked_left == [2, 1, 0] and len(steered_frame.data) == 3
 
 
 # --- the app over HTTP -----------------------------------------------------------------------
@@ -334,13 +325,14 @@ def test_api_decode_on_llada(llada):
     demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True)
     try:
         client = Client(demo.local_url, verbose=False)
-        plain, steered, plain_trace, steered_trace = client.predict(
-            llada_prompt(3), 2, 0.0, 0, 3, 5, 1e4, api_name="/decode"
+        plain, steered, summary, plain_frame, steered_frame = client.predict(
+            llada_prompt(3), 2, 0.0, 0, 3, 5, 1e4, "add", 0.2, "masked", api_name="/decode"
         )
     finally:
         demo.close()
     assert [t["class_or_confidence"] for t in plain].count("generated") == 3
-    assert column(plain_trace, "masked left") == [2, 1, 0] and len(steered) == len(plain)
+    assert len(plain_frame["data"]) == 3 and len(steered) == len(plain)
+    assert "add 10000 at masked positions during 0%-20% of the steps" in summary
 
 
 def test_main_serves_on_localhost_7860_by_default(monkeypatch, explorer):

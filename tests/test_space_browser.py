@@ -1,7 +1,8 @@
-"""The Space in headless Chromium: type a prompt, analyse it, find the heat map.
+"""The Space in headless Chromium: type a prompt, analyse it, find the heat map, decode it and
+click a cell of the decode timeline.
 
 Needs Debian's `chromium` (/usr/bin/chromium) and the `playwright` Python package. Set
-SPACE_SCREENSHOT=1 to also save the page to space/screenshot.png.
+SPACE_SCREENSHOT=1 to also save the pages to space/screenshot.png and space/timeline.png.
 """
 
 import os
@@ -67,5 +68,16 @@ def test_page_analyses_a_typed_prompt(url):
         heat.nth(other).click()
         expect(token).to_have_value(f"{other}: [MASK]")
         page.get_by_role("tab", name="Decode").click()
-        expect(page.get_by_text("Decoding needs an LM head")).to_be_visible()
+        page.get_by_role("button", name="Decode", exact=True).click()
+        timeline = page.get_by_role("grid", name="Unsteered timeline")
+        waiting = timeline.get_by_role("gridcell", name="…", exact=True)
+        expect(waiting.first).to_be_visible(timeout=60_000)
+        expect(page.locator("#plain")).to_contain_text("generated")
+        expect(page.get_by_text("masked-token log-likelihood per token")).to_be_visible()
+        waiting.first.click()
+        expect(page.get_by_text("masked then")).to_be_visible()
+        cell = page.get_by_role("grid", name="Features of the cell").get_by_role("gridcell")
+        expect(cell.first).to_be_visible()
+        if os.environ.get("SPACE_SCREENSHOT"):
+            page.screenshot(path=str(ROOT / "space" / "timeline.png"), full_page=True)
         browser.close()
