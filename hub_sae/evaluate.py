@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from hub_sae.activations import harvest_text, splice
 from hub_sae.data import DataConfig
@@ -136,8 +137,12 @@ def evaluate_suite(
     max_tokens: int,
     seed: int = 0,
     splice_batches: int = 4,
+    progress: bool = True,
 ) -> dict[tuple[int, int], dict]:
-    """Metrics per (layer, k) on held-out text; one base-model forward feeds every layer's SAEs."""
+    """Metrics per (layer, k) on held-out text; one base-model forward feeds every layer's SAEs.
+
+    `progress` shows tqdm bars over the held-out positions and the spliced runs.
+    """
     layers = sorted({layer for layer, _ in saes})
     moments = {key: _Moments(sae.d_in) for key, sae in saes.items()}
     counts = {key: torch.zeros(sae.d_sae) for key, sae in saes.items()}
@@ -145,7 +150,15 @@ def evaluate_suite(
     kept: list[tuple[Tensor, Tensor, CorruptedBatch]] = []
     tokens = 0
     for input_ids, attention_mask, h in harvest_text(
-        base, data, layers, policy, corruption, max_tokens, seed, passes=None
+        base,
+        data,
+        layers,
+        policy,
+        corruption,
+        max_tokens,
+        seed,
+        passes=None,
+        progress="evaluation" if progress else None,
     ):
         if len(kept) < splice_batches:
             kept.append((input_ids.to(base.device), attention_mask.to(base.device), h.batch))
@@ -163,7 +176,7 @@ def evaluate_suite(
         )
 
     metrics = {}
-    for key, sae in saes.items():
+    for key, sae in tqdm(saes.items(), desc="spliced runs", unit="sae", disable=not progress):
         frequency = counts[key] / tokens
         fvu = moments[key].fvu()
         metrics[key] = {
