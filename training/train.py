@@ -1,8 +1,7 @@
-"""Train a suite of TopK SAEs: `python training/train.py [--config YAML] [--resume] [--KEY VALUE ...]`.
+"""Train a suite of TopK SAEs: `accelerate launch training/train.py [--config YAML] [--resume] [--KEY VALUE ...]`.
 
 With no arguments it runs the embedded default (configs/minilm-mask.yaml): MiniLM, pydoc corpus,
-mask policy, all 6 layers, on CPU in minutes. Several processes (DDP): `accelerate launch
---num_processes N training/train.py ...`. Every TrainConfig field can be overridden on the
+mask policy, all 6 layers, on CPU in minutes. Every TrainConfig field can be overridden on the
 command line, e.g. `--total_tokens 50000 --layers "[1, 3]"`.
 """
 
