@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from hub_sae.data import DataConfig, token_batches
 from hub_sae.masking import CorruptedBatch, Corruption, corrupt
@@ -137,34 +138,38 @@ def harvest_text(
     max_tokens: int,
     seed: int = 0,
     passes: int | None = 1,
+    progress: str | None = None,
 ) -> Iterator[tuple[Tensor, Tensor, Harvest]]:
     """(input_ids, attention_mask, `harvest` of them) over `data`'s batches until `max_tokens`
     positions, the last harvest cut to fit.
 
     Pass p reads the text in the order of seed `data.seed + p`, with fresh corruption drawn from
     `seed`; `passes=None` reads as many passes as it takes (a short held-out split, say).
+    `progress` labels a tqdm bar over the positions (None: no bar).
     """
     generator = torch.Generator(base.device).manual_seed(seed)
     seen = 0
-    for p in itertools.count() if passes is None else range(passes):
-        pass_data = dataclasses.replace(data, seed=data.seed + p)
-        empty = True
-        for input_ids, attention_mask in token_batches(
-            pass_data, base.tokenizer, base.bos_token_id, base.eos_token_id
-        ):
-            empty = False
-            h = harvest(base, input_ids, attention_mask, layers, policy, corruption, generator)
-            n = min(len(h.token_ids), max_tokens - seen)
-            if n < len(h.token_ids):
-                acts = {layer: a[:n] for layer, a in h.acts.items()}
-                h = h._replace(acts=acts, token_ids=h.token_ids[:n], positions=h.positions[:n])
-            if n:
-                yield input_ids, attention_mask, h
-            seen += n
-            if seen >= max_tokens:
+    with tqdm(total=max_tokens, desc=progress, unit="pos", disable=progress is None) as bar:
+        for p in itertools.count() if passes is None else range(passes):
+            pass_data = dataclasses.replace(data, seed=data.seed + p)
+            empty = True
+            for input_ids, attention_mask in token_batches(
+                pass_data, base.tokenizer, base.bos_token_id, base.eos_token_id
+            ):
+                empty = False
+                h = harvest(base, input_ids, attention_mask, layers, policy, corruption, generator)
+                n = min(len(h.token_ids), max_tokens - seen)
+                if n < len(h.token_ids):
+                    acts = {layer: a[:n] for layer, a in h.acts.items()}
+                    h = h._replace(acts=acts, token_ids=h.token_ids[:n], positions=h.positions[:n])
+                if n:
+                    yield input_ids, attention_mask, h
+                seen += n
+                bar.update(n)
+                if seen >= max_tokens:
+                    return
+            if empty:
                 return
-        if empty:
-            return
 
 
 @contextmanager

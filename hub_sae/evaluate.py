@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from hub_sae.activations import capture, harvest_text, splice
 from hub_sae.data import DataConfig, token_batches
@@ -322,11 +323,13 @@ def evaluate_suite(
     seed: int = 0,
     splice_batches: int = 4,
     by_t_batches: int = 1,
+    progress: bool = True,
 ) -> dict[tuple[int, int], dict]:
     """Metrics per (layer, k) on held-out text; one base-model forward feeds every layer's SAEs.
 
     The embedded default gets its fitted unmasking head first (cached after the first fit), so
-    its spliced losses are cross entropies; `by_t_batches` batches feed each t bin (0: none).
+    its spliced losses are cross entropies; `by_t_batches` batches feed each t bin (0: none);
+    `progress` shows tqdm bars over the held-out positions and the spliced runs.
     """
     base = with_unmasking_head(base)
     layers = sorted({layer for layer, _ in saes})
@@ -336,7 +339,15 @@ def evaluate_suite(
     kept: list[tuple[Tensor, Tensor, CorruptedBatch]] = []
     tokens = 0
     for input_ids, attention_mask, h in harvest_text(
-        base, data, layers, policy, corruption, max_tokens, seed, passes=None
+        base,
+        data,
+        layers,
+        policy,
+        corruption,
+        max_tokens,
+        seed,
+        passes=None,
+        progress="evaluation" if progress else None,
     ):
         if len(kept) < splice_batches:
             kept.append((input_ids.to(base.device), attention_mask.to(base.device), h.batch))
@@ -355,7 +366,7 @@ def evaluate_suite(
 
     by_t = evaluate_by_t(base, saes, data, by_t_batches, seed) if by_t_batches else {}
     metrics = {}
-    for key, sae in saes.items():
+    for key, sae in tqdm(saes.items(), desc="spliced runs", unit="sae", disable=not progress):
         frequency = counts[key] / tokens
         fvu = moments[key].fvu()
         metrics[key] = {

@@ -59,11 +59,12 @@ def collect_features(
     n_top: int = 8,
     window: int = 8,
     seed: int = 0,
+    progress: bool = True,
 ) -> dict[object, FeatureStats]:
     """Scan up to `max_tokens` policy-selected positions of `data` and keep each latent's top examples.
 
     `saes` maps any key (e.g. (layer, k)) to an SAE taking raw activations of block `sae.layer`;
-    all layers are read from one forward per batch.
+    all layers are read from one forward per batch. `progress` shows a tqdm bar over the positions.
     """
     layers = sorted({sae.layer for sae in saes.values()})
     d = {key: sae.d_sae for key, sae in saes.items()}
@@ -74,7 +75,10 @@ def collect_features(
         key: torch.full((d[key], n_top, 2 * window + 1), -1, dtype=torch.long) for key in saes
     }
     seen = 0
-    for _, _, h in harvest_text(base, data, layers, policy, corruption, max_tokens, seed):
+    label = "top contexts" if progress else None
+    for _, _, h in harvest_text(
+        base, data, layers, policy, corruption, max_tokens, seed, progress=label
+    ):
         n = len(h.token_ids)
         ids = h.token_ids.cpu()
         windows = _windows(h.batch.input_ids, h.positions, window).cpu()

@@ -202,3 +202,16 @@ def test_harvest_text_cuts_at_max_tokens_and_rereads_only_when_asked(
 
     again = run(2 * total + 5, passes=None)  # reads further passes, with fresh corruption
     assert sum(len(h.token_ids) for h in again) == 2 * total + 5
+
+
+def test_harvest_text_progress_bar_counts_positions(base: BaseModel, tmp_path, capsys) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(topics[sorted(topics)[0]])
+    data = DataConfig(corpus=str(corpus), ctx_len=32, batch_size=4)
+    harvests = harvest_text(base, data, [1], "mask", Corruption(), 50, passes=None, progress="scan")
+    assert sum(len(h.token_ids) for *_, h in harvests) == 50
+    bar = capsys.readouterr().err
+    assert "scan: 100%" in bar and "50/50" in bar
+
+    list(harvest_text(base, data, [1], "mask", Corruption(), 50, passes=None))
+    assert capsys.readouterr().err == ""  # no label, no bar
