@@ -1,4 +1,6 @@
-"""Train a suite of TopK SAEs: `accelerate launch training/train.py [--config YAML] [--resume] [--FIELD VALUE ...]`.
+"""Train a suite of TopK SAEs: `python training/train.py [--config YAML] [--resume] [--FIELD VALUE ...]`.
+
+Several processes: `accelerate launch --multi_gpu --num_processes N training/train.py ...`.
 
 With no arguments it runs the embedded default (configs/minilm-mask.yaml): MiniLM, pydoc corpus,
 mask policy, all 6 layers, on CPU in minutes. Every TrainConfig field can be overridden on the
