@@ -119,7 +119,7 @@ def main() -> None:
         "d_sae": sae.d_sae,
         "k": sae.k,
         "prompt_tokens": int(ids.shape[1]),
-        "analysed_positions": int(explorer.prepare(prompt).analysed.sum()),
+        "analysed_positions": int(explorer.prepare(prompt).selected.sum()),
         "device": f"cpu ({platform.machine()}), torch threads {torch.get_num_threads()}",
         "load_average_1min": round(os.getloadavg()[0], 2),
         "repeats": REPEATS,

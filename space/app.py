@@ -3,8 +3,12 @@
     python space/app.py [--suite FOLDER_OR_HUB_ID] [--host 127.0.0.1] [--port 7860]
 
 The suite comes from --suite, else HUB_SAE_SUITE, else the newest local run under runs/, else the
-published LLaDA suite; users never pass paths. The handlers below are plain functions over an
-`Explorer`, so tests call them without a server; `build_app` only wires them to components.
+published LLaDA suite; users never pass paths.
+
+This file is the Gradio wiring only: `explorer.py` computes (tensors in, records out) and
+`views.py` draws (records in, tables, heat maps and markdown out). The handlers below are plain
+functions over an `Explorer`, so tests call them without a server; `build_app` wires them to
+components.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from collections.abc import Callable
 
 import gradio as gr
 import pandas as pd
+import views
 from explorer import Analysis, DecodeRun, Explorer, InputError
 
-from hub_sae.diffusion import Generation, Steer
+from hub_sae.diffusion import Steer
 
 EXAMPLE = "The [MASK] statement is used to leave a loop early, and [MASK] skips to the next one."
 CONCURRENCY, QUEUE_SIZE = 2, 64
@@ -27,7 +32,6 @@ CSS = """
 .timeline td { font-size: 12px; padding: 2px 4px; }
 """
 STEER_POSITIONS = "still-masked positions, all, or indices such as 3, 5"
-HeatMap = list[tuple[str, float | None]]
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -47,20 +51,6 @@ def _analysis(explorer: Explorer, prompt: str, ratio: float, seed: float | None)
     return explorer.analyse(prompt, float(ratio or 0.0), explorer.check_seed(seed))
 
 
-def position_choices(analysis: Analysis) -> list[tuple[str, int]]:
-    """Dropdown entries "i: token" for the analysed positions."""
-    tokens, analysed = analysis.prompt.tokens, analysis.prompt.analysed.tolist()
-    return [(f"{i}: {tokens[i].strip()}", i) for i in range(len(tokens)) if analysed[i]]
-
-
-def status(explorer: Explorer, analysis: Analysis) -> str:
-    p = analysis.prompt
-    return (
-        f"{len(p.tokens)} tokens · {int(p.is_masked.sum())} masked · {int(p.analysed.sum())} "
-        f"analysed (`{explorer.policy}` policy; greyed tokens are not analysed)."
-    )
-
-
 @user_errors
 def analyse(explorer: Explorer, prompt: str, layer: int, ratio: float, seed: float) -> tuple:
     """Everything for a new prompt or layer: the most active feature and where it peaks."""
@@ -68,9 +58,9 @@ def analyse(explorer: Explorer, prompt: str, layer: int, ratio: float, seed: flo
     feature = explorer.default_feature(analysis, layer)
     position = explorer.peak_position(analysis, layer, feature)
     return (
-        status(explorer, analysis),
-        gr.Dropdown(choices=position_choices(analysis), value=position),
-        explorer.token_table(analysis, layer, position),
+        views.status(explorer, analysis),
+        gr.Dropdown(choices=views.position_choices(analysis), value=position),
+        views.feature_table(explorer.token_features(analysis, layer, position)),
         feature,
         *show_feature(explorer, prompt, layer, ratio, seed, feature),
     )
@@ -79,14 +69,14 @@ def analyse(explorer: Explorer, prompt: str, layer: int, ratio: float, seed: flo
 @user_errors
 def show_feature(
     explorer: Explorer, prompt: str, layer: int, ratio: float, seed: float, feature: int
-) -> tuple[HeatMap, str, pd.DataFrame, pd.DataFrame]:
+) -> tuple[views.HeatMap, str, pd.DataFrame, pd.DataFrame]:
     """Heat map of `feature` over the prompt, its summary, top contexts and logit lens."""
     analysis = _analysis(explorer, prompt, ratio, seed)
     return (
-        explorer.heat_map(analysis, layer, feature),
-        explorer.feature_summary(analysis, layer, feature),
-        explorer.contexts(layer, feature),
-        explorer.logit_lens(layer, feature),
+        views.heat_map(explorer, analysis, layer, feature),
+        views.feature_summary(explorer, analysis, layer, feature),
+        views.contexts_table(explorer.contexts(layer, feature)),
+        views.lens_table(explorer.logit_lens(layer, feature)),
     )
 
 
@@ -95,73 +85,8 @@ def show_token(
     explorer: Explorer, prompt: str, layer: int, ratio: float, seed: float, position: int
 ) -> pd.DataFrame:
     """The top-k features of the token at `position`."""
-    return explorer.token_table(_analysis(explorer, prompt, ratio, seed), layer, position)
-
-
-def decoded_text(explorer: Explorer, run: DecodeRun, generation: Generation) -> HeatMap:
-    """The decoded sequence, decoded positions labelled (`changed` where it differs from plain)."""
-    plain = run.plain.tokens[0].tolist()
-    out = []
-    for i, token in enumerate(generation.tokens[0].tolist()):
-        if not run.decoded[i]:
-            out.append((run.prompt.tokens[i], None))
-            continue
-        label = "generated"
-        if generation is not run.plain:
-            label = "changed" if plain[i] != token else "same"
-        out.append((" " + explorer.token_text(token).strip(), label))
-    return out
-
-
-def timeline_frame(explorer: Explorer, run: DecodeRun, generation: Generation):
-    """Positions x steps: the token once committed (with its confidence at the committing step),
-    `…` while masked; shaded by the steered feature's activation (darker = stronger)."""
-    timeline, tokens = generation.timeline, generation.tokens[0]
-    masked, commit = timeline.masked[:, 0], timeline.commit_step[0]
-    (layer,) = timeline.layers
-    watched = timeline.layers[layer].watched[:, 0, :, 0]
-    columns = ["step"] + [f"{p}:{explorer.token_text(t).strip()}" for p, t in enumerate(tokens)]
-    rows = []
-    for step in range(len(masked)):
-        row = [step + 1]
-        for p, token in enumerate(tokens.tolist()):
-            text = explorer.token_text(token).strip()
-            if int(commit[p]) == step:
-                row.append(f"{text} ({float(timeline.confidence[0, p]):.2f})")
-            else:
-                row.append("…" if masked[step, p] else text)
-        rows.append(row)
-    frame = pd.DataFrame(rows, columns=columns)
-    scale = float(watched.abs().max().clamp_min(1e-12))
-
-    def shade(_: pd.DataFrame) -> pd.DataFrame:
-        styles = pd.DataFrame("", index=frame.index, columns=frame.columns)
-        for step in range(len(masked)):
-            for p in range(len(tokens)):
-                alpha = min(1.0, float(watched[step, p]) / scale)
-                colour = f"background-color: rgba(255, 120, 0, {alpha:.2f})"
-                bold = "; font-weight: bold" if int(commit[p]) == step else ""
-                styles.iat[step, p + 1] = colour + bold
-        return styles
-
-    return frame.style.apply(shade, axis=None)
-
-
-def decode_summary(run: DecodeRun) -> str:
-    """Markdown: what was steered, and its effect and damage in the model's own numbers."""
-    steer = run.steer
-    features = ", ".join(map(str, steer.features))
-    positions = steer.positions if isinstance(steer.positions, str) else list(steer.positions)
-    window = f"{steer.window[0]:.0%}-{steer.window[1]:.0%} of the steps"
-    return (
-        f"Steered feature(s) {features} of layer {steer.layer}: {steer.mode} {steer.value:g} "
-        f"at {positions} positions during {window}.\n\n"
-        "| | unsteered | steered |\n|---|---|---|\n"
-        f"| mean activation of the steered feature(s) | {run.activation[0]:.3f} | "
-        f"{run.activation[1]:.3f} |\n"
-        f"| masked-token log-likelihood per token (the model's own) | "
-        f"{run.log_likelihood[0]:.3f} | {run.log_likelihood[1]:.3f} |"
-    )
+    analysis = _analysis(explorer, prompt, ratio, seed)
+    return views.feature_table(explorer.token_features(analysis, layer, position))
 
 
 def parse_steer(
@@ -189,7 +114,9 @@ def parse_steer(
         raise InputError(str(e)) from e
 
 
-def _run(explorer, prompt, layer, ratio, seed, steps, feature, value, mode, share, positions):
+def _run(
+    explorer, prompt, layer, ratio, seed, steps, feature, value, mode, share, positions
+) -> DecodeRun:
     feature = explorer.check_feature(layer, feature)
     steer = parse_steer(layer, feature, value, mode, share, positions)
     if not isinstance(steer.positions, str):
@@ -210,11 +137,11 @@ def decode(explorer: Explorer, *args) -> tuple:
     """
     run = _run(explorer, *args)
     return (
-        decoded_text(explorer, run, run.plain),
-        decoded_text(explorer, run, run.steered),
-        decode_summary(run),
-        timeline_frame(explorer, run, run.plain),
-        timeline_frame(explorer, run, run.steered),
+        views.decoded_text(explorer, run, run.plain),
+        views.decoded_text(explorer, run, run.steered),
+        views.decode_summary(run),
+        views.timeline_frame(explorer, run, run.plain),
+        views.timeline_frame(explorer, run, run.steered),
     )
 
 
@@ -227,10 +154,8 @@ def timeline_cell(
     generation = run.plain if which == "unsteered" else run.steered
     step, column = int(cell[0]), int(cell[1])
     position = max(column - 1, 0)
-    token = explorer.token_text(int(generation.tokens[0, position])).strip()
-    state = "masked" if generation.timeline.masked[step, 0, position] else "committed"
-    title = f"{which}: step {step + 1}, position {position} (`{token}`, {state} then)"
-    return title, explorer.cell_features(generation, step, position)
+    rows = explorer.cell_features(generation, step, position)
+    return views.cell_title(explorer, which, generation, step, position), views.feature_table(rows)
 
 
 def cell_picker(explorer: Explorer, which: str) -> Callable:
@@ -351,7 +276,7 @@ def build_app(source: str | Explorer | None = None) -> gr.Blocks:
     explorer = source if isinstance(source, Explorer) else Explorer.load(source)
     example = EXAMPLE.replace("[MASK]", explorer.mask_text)
     with gr.Blocks(title="hub-sae explorer") as demo:
-        gr.Markdown(explorer.header())
+        gr.Markdown(views.header(explorer))
         with gr.Row():
             prompt = gr.Textbox(
                 label=f"Prompt (at most {explorer.max_tokens} tokens; type {explorer.mask_text} "

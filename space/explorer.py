@@ -1,8 +1,11 @@
-"""What the Space computes, without Gradio: load a suite once, analyse prompts, describe features.
+"""The Space's compute side: load a suite once, analyse prompts, decode, describe features.
 
 A prompt is tokenised (BOS first), masked where the user typed the model's mask token and, if
-asked, at random with a seeded `corrupt`; the suite's policy then picks the analysed positions.
+asked, at random with a seeded `corrupt`; the suite's policy then picks the selected positions.
 One forward that stops after the deepest hooked block feeds every layer's SAE.
+
+Tensors in, plain records out (NamedTuples, lists, floats, strings): no pandas, Gradio, HTML or
+markdown here. `views.py` draws these records; `app.py` wires them to Gradio.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
-import pandas as pd
 import torch
 from huggingface_hub.errors import EntryNotFoundError
 from torch import Tensor, nn
@@ -122,10 +124,37 @@ class Prompt:
     """[T] the tokens as typed (random masking undone)."""
     is_masked: Tensor
     """[T] bool."""
-    analysed: Tensor
+    selected: Tensor
     """[T] bool: the positions the policy selects (never position 0)."""
     tokens: list[str]
     """Display text of each position, its leading whitespace included."""
+
+
+class FeatureRow(NamedTuple):
+    """An active feature at one position: its activation and its training firing rate."""
+
+    feature: int
+    activation: float
+    frequency: float | None
+    """Fraction of training positions it fires on; None without feature statistics."""
+
+
+class Context(NamedTuple):
+    """A top-activating training context of a feature, split around its centre token."""
+
+    activation: float
+    left: str
+    centre: str
+    right: str
+    seen_as: str
+    """What the model read at the centre when that differs from the token (a mask), else ""."""
+
+
+class LensToken(NamedTuple):
+    """A token a feature's decoder direction promotes, with its logit."""
+
+    token: str
+    logit: float
 
 
 class DecodeRun(NamedTuple):
@@ -214,16 +243,6 @@ class Explorer:
             else self.base.tokenizer.convert_tokens_to_string([token])
         )
 
-    def header(self) -> str:
-        """Markdown naming the loaded model and suite."""
-        sae = self.saes[self.layers[0]]
-        return (
-            f"# Diffusion-LM SAE explorer\n"
-            f"**Suite** `{self.title}` · **base model** `{self.base.name}` · **policy** "
-            f"`{self.policy}` · **layers** {self.layers} · {sae.d_sae:,} latents, k = {sae.k}. "
-            f"Type `{self.mask_text}` where you want masked positions."
-        )
-
     def tokenize(self, text: str) -> tuple[list[int], list[str]]:
         """Token ids (BOS first) and the display text of each, leading whitespace included."""
         if not text.strip():
@@ -267,28 +286,29 @@ class Explorer:
                 f"{t[: len(t) - len(t.lstrip())]}{self.mask_text}({t.strip()})" if r else t
                 for t, r in zip(tokens, random.tolist(), strict=True)
             ]
-        analysed = select_positions(is_masked[None], None, self.policy)[0]
+        selected = select_positions(is_masked[None], None, self.policy)[0]
         masked_ids = clean.masked_fill(is_masked, self.base.mask_token_id)
-        return Prompt(masked_ids, clean, is_masked, analysed, tokens)
+        return Prompt(masked_ids, clean, is_masked, selected, tokens)
 
     @torch.no_grad()
     def _analyse(self, text: str, ratio: float = 0.0, seed: int = 0) -> Analysis:
-        """Every layer's SAE latents at the analysed positions, from one forward (cached)."""
+        """Every layer's SAE latents at the selected positions, from one forward (cached)."""
         prompt = self.prepare(text, ratio, seed)
-        if not prompt.analysed.any():
+        if not prompt.selected.any():
             raise InputError(
                 f"No position to analyse: the suite's policy is {self.policy!r}. Type "
                 f"{self.mask_text} in the prompt or set a mask ratio above 0."
             )
-        keep = prompt.analysed
+        selected = prompt.selected
         with self.lock:  # hooks live on the shared model: one forward at a time
-            acts = capture(self.base, prompt.input_ids[None], None, self.layers, keep[None])
+            acts = capture(self.base, prompt.input_ids[None], None, self.layers, selected[None])
         latents = {}
         for layer, sae in self.saes.items():
             enc = sae.encode(acts[layer])
-            top_acts = torch.zeros(len(keep), sae.k)
-            top_indices = torch.zeros(len(keep), sae.k, dtype=torch.long)
-            top_acts[keep], top_indices[keep] = enc.top_acts.float().cpu(), enc.top_indices.cpu()
+            top_acts = torch.zeros(len(selected), sae.k)
+            top_indices = torch.zeros(len(selected), sae.k, dtype=torch.long)
+            top_acts[selected] = enc.top_acts.float().cpu()
+            top_indices[selected] = enc.top_indices.cpu()
             latents[layer] = EncoderOutput(top_acts, top_indices)
         return Analysis(prompt, latents)
 
@@ -310,74 +330,54 @@ class Explorer:
         return (enc.top_acts * (enc.top_indices == feature)).sum(-1)
 
     def strongest(self, analysis: Analysis, layer: int) -> Tensor:
-        """[d_sae] largest activation of each feature over the analysed positions."""
+        """[d_sae] largest activation of each feature over the selected positions."""
         enc = analysis.latents[self.check_layer(layer)]
-        keep = analysis.prompt.analysed
+        selected = analysis.prompt.selected
         out = torch.zeros(self.saes[layer].d_sae)
         return out.scatter_reduce(
-            0, enc.top_indices[keep].flatten(), enc.top_acts[keep].flatten(), "amax"
+            0, enc.top_indices[selected].flatten(), enc.top_acts[selected].flatten(), "amax"
         )
 
     def default_feature(self, analysis: Analysis, layer: int) -> int:
-        """The feature with the largest activation on the analysed positions of the prompt."""
+        """The feature with the largest activation on the selected positions of the prompt."""
         return int(self.strongest(analysis, layer).argmax())
 
     def peak_position(self, analysis: Analysis, layer: int, feature: int) -> int:
-        """The analysed position where `feature` is strongest (the first analysed one if nowhere)."""
+        """The selected position where `feature` is strongest (the first selected one if nowhere)."""
         acts = self.feature_acts(analysis, layer, feature)
-        acts[~analysis.prompt.analysed] = -1.0
+        acts[~analysis.prompt.selected] = -1.0
         return int(acts.argmax())
 
-    def heat_map(
-        self, analysis: Analysis, layer: int, feature: int
-    ) -> list[tuple[str, float | None]]:
-        """(token, score in [-1, 1]) per position: activation / max |activation| over the analysed
-        positions; None at positions the policy does not analyse."""
-        acts = self.feature_acts(analysis, layer, self.check_feature(layer, feature))
-        analysed = analysis.prompt.analysed
-        scale = acts[analysed].abs().max().clamp_min(1e-12)
-        scores = (acts / scale).clamp(-1.0, 1.0).tolist()
+    def feature_rows(self, layer: int, acts: Tensor, indices: Tensor) -> list[FeatureRow]:
+        """The active (> 0) features among `indices`, in the given order, with their frequency."""
+        stats = self.features.get(layer)
         return [
-            (token, round(score, 4) if keep else None)
-            for token, score, keep in zip(
-                analysis.prompt.tokens, scores, analysed.tolist(), strict=True
-            )
+            FeatureRow(int(f), float(a), None if stats is None else float(stats.frequency[f]))
+            for a, f in zip(acts, indices, strict=True)
+            if a > 0
         ]
 
-    def token_table(self, analysis: Analysis, layer: int, position: int) -> pd.DataFrame:
-        """The active features at one position, strongest first, with their firing frequency."""
+    def token_features(self, analysis: Analysis, layer: int, position: int) -> list[FeatureRow]:
+        """The active features at one selected position, strongest first."""
         position = int(position)
-        analysed = analysis.prompt.analysed.nonzero().flatten().tolist()
-        if position not in analysed:
+        selected = analysis.prompt.selected.nonzero().flatten().tolist()
+        if position not in selected:
             raise InputError(
                 f"Token {position} is not analysed under the {self.policy!r} policy; "
-                f"pick one of {analysed}."
+                f"pick one of {selected}."
             )
         enc = analysis.latents[self.check_layer(layer)]
         acts, indices = enc.top_acts[position], enc.top_indices[position]
         order = acts.argsort(descending=True)
-        stats = self.features.get(layer)
-        rows = [
-            {
-                "feature": int(indices[i]),
-                "activation": round(float(acts[i]), 4),
-                "frequency %": None
-                if stats is None
-                else round(100 * float(stats.frequency[indices[i]]), 3),
-            }
-            for i in order
-            if acts[i] > 0
-        ]
-        return pd.DataFrame(rows, columns=["feature", "activation", "frequency %"])
+        return self.feature_rows(layer, acts[order], indices[order])
 
-    def contexts(self, layer: int, feature: int) -> pd.DataFrame:
-        """The feature's top-activating contexts from the training corpus, centre token marked."""
+    def contexts(self, layer: int, feature: int) -> list[Context]:
+        """The feature's top-activating contexts from the training corpus ([] without stats)."""
         stats = self.features.get(self.check_layer(layer))
-        columns = ["activation", "context", "seen as"]
         if stats is None:
-            return pd.DataFrame([], columns=columns)
+            return []
         feature = self.check_feature(layer, feature)
-        w, rows = stats.window, []
+        w, out = stats.window, []
         for value, token, ids in zip(
             stats.top_values[feature],
             stats.top_tokens[feature],
@@ -389,52 +389,22 @@ class Explorer:
             left = self.base.tokenizer.decode([i for i in ids[:w].tolist() if i >= 0])
             right = self.base.tokenizer.decode([i for i in ids[w + 1 :].tolist() if i >= 0])
             seen = "" if int(ids[w]) == int(token) else self.token_text(ids[w])
-            context = f"{left} ⟦{self.token_text(token).strip()}⟧ {right}"
-            rows.append({"activation": round(float(value), 4), "context": context, "seen as": seen})
-        return pd.DataFrame(rows, columns=columns)
+            out.append(Context(float(value), left, self.token_text(token), right, seen))
+        return out
 
     @torch.no_grad()
-    def logit_lens(self, layer: int, feature: int, n: int = 10) -> pd.DataFrame:
-        """Tokens the feature's decoder direction promotes through the final norm + LM head."""
+    def logit_lens(self, layer: int, feature: int, n: int = 10) -> list[LensToken]:
+        """Tokens the feature's decoder direction promotes through the final norm + LM head,
+        strongest first ([] without an LM head)."""
         if self.head is None:
-            return pd.DataFrame([], columns=["token", "logit"])
+            return []
         sae = self.saes[self.check_layer(layer)]
         direction = sae.W_dec[self.check_feature(layer, feature)]
         param = next(self.head.parameters())
         logits = self.head(direction.to(param.device, param.dtype)[None]).float()[0]
         logits = logits[: vocab_limit(self.base)]
         values, ids = logits.topk(min(n, len(logits)))
-        rows = [
-            {"token": self.token_text(i), "logit": round(float(v), 3)}
-            for v, i in zip(values, ids, strict=True)
-        ]
-        return pd.DataFrame(rows, columns=["token", "logit"])
-
-    def feature_summary(self, analysis: Analysis, layer: int, feature: int) -> str:
-        """Markdown: the feature's firing frequency and its peak on the prompt."""
-        feature = self.check_feature(layer, feature)
-        stats = self.features.get(layer)
-        lines = [f"### Feature {feature} · layer {layer}"]
-        if stats is None:
-            lines.append(
-                "No feature statistics (features.safetensors) were published for this layer."
-            )
-        else:
-            lines.append(
-                f"Fires on **{100 * float(stats.frequency[feature]):.3f} %** of {stats.tokens:,} "
-                f"`{self.policy}`-policy training positions."
-            )
-        peak = self.peak_position(analysis, layer, feature)
-        value = float(self.feature_acts(analysis, layer, feature)[peak])
-        lines.append(
-            f"On this prompt: max **{value:.3f}** at position {peak} "
-            f"(`{analysis.prompt.tokens[peak].strip()}`)."
-            if value > 0
-            else "Not active on the analysed positions of this prompt."
-        )
-        if self.head is None:
-            lines.append(f"Logit lens: `{self.base.name}` has no LM head.")
-        return "\n\n".join(lines)
+        return [LensToken(self.token_text(i), float(v)) for v, i in zip(values, ids, strict=True)]
 
     @torch.no_grad()
     def _decode(self, text: str, ratio: float, seed: int, steps: int, steer: Steer) -> DecodeRun:
@@ -469,21 +439,11 @@ class Explorer:
         activation, log_likelihood = zip(*numbers, strict=True)
         return DecodeRun(prompt, plain, steered, steer, decoded, activation, log_likelihood)
 
-    def cell_features(self, generation: Generation, step: int, position: int) -> pd.DataFrame:
-        """The top features of one position at one step of a decode, with the state of the cell."""
+    def cell_features(self, generation: Generation, step: int, position: int) -> list[FeatureRow]:
+        """The top features of one position at one step of a decode."""
         (layer,) = generation.timeline.layers
         trace = generation.timeline.layers[layer]
         if not (0 <= step < len(trace.top_acts) and 0 <= position < trace.top_acts.shape[2]):
             raise InputError(f"No timeline cell at step {step}, position {position}.")
         acts, indices = trace.top_acts[step, 0, position], trace.top_indices[step, 0, position]
-        stats = self.features.get(layer)
-        rows = [
-            {
-                "feature": int(f),
-                "activation": round(float(a), 4),
-                "frequency %": None if stats is None else round(100 * float(stats.frequency[f]), 3),
-            }
-            for a, f in zip(acts, indices, strict=True)
-            if a > 0
-        ]
-        return pd.DataFrame(rows, columns=["feature", "activation", "frequency %"])
+        return self.feature_rows(layer, acts, indices)

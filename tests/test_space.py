@@ -14,6 +14,7 @@ from gradio_client import Client
 sys.path.insert(0, str(Path(__file__).parents[1] / "space"))
 
 import app  # noqa: E402
+import views  # noqa: E402
 from explorer import LLADA_SUITE, Explorer, default_suite  # noqa: E402
 
 from hub_sae.activations import capture  # noqa: E402
@@ -53,15 +54,15 @@ def test_default_suite_env_then_newest_run_then_llada(tmp_path, monkeypatch):
 
 
 def test_header_names_suite_model_and_policy(explorer, trained_suite):
-    header = explorer.header()
+    header = views.header(explorer)
     assert f"`{trained_suite.name}`" in header and "`minilm`" in header and "`mask`" in header
     assert explorer.layers == [1, 3] and explorer.default_layer == 3
 
 
-def test_typed_mask_tokens_are_the_analysed_positions(explorer):
+def test_typed_mask_tokens_are_the_selected_positions(explorer):
     prompt = explorer.prepare(PROMPT)
     expected = masked_positions(explorer, PROMPT)
-    assert len(expected) == 2 and prompt.analysed.nonzero().flatten().tolist() == expected
+    assert len(expected) == 2 and prompt.selected.nonzero().flatten().tolist() == expected
     assert prompt.tokens[expected[0]] == " [MASK]" and "".join(prompt.tokens[1:-1]) == PROMPT
 
 
@@ -71,7 +72,7 @@ def test_other_policies_select_their_positions(explorer, policy):
     masked = set(masked_positions(explorer, PROMPT))
     real = set(range(1, len(prompt.tokens)))
     expected = real - masked if policy == "unmask" else real
-    assert set(prompt.analysed.nonzero().flatten().tolist()) == expected
+    assert set(prompt.selected.nonzero().flatten().tolist()) == expected
 
 
 def test_random_masking_is_seeded_and_never_masks_bos(explorer):
@@ -79,7 +80,7 @@ def test_random_masking_is_seeded_and_never_masks_bos(explorer):
     a, b = explorer.prepare(text, 0.5, seed=3), explorer.prepare(text, 0.5, seed=3)
     assert torch.equal(a.is_masked, b.is_masked) and a.is_masked.any()
     full = explorer.prepare(text, 1.0, seed=0)
-    assert not full.analysed[0] and not full.is_masked[0] and full.analysed[1:].all()
+    assert not full.selected[0] and not full.is_masked[0] and full.selected[1:].all()
     assert (full.input_ids[1:] == explorer.base.mask_token_id).all()
     assert torch.equal(full.clean_ids, explorer.prepare(text).clean_ids)
 
@@ -87,9 +88,9 @@ def test_random_masking_is_seeded_and_never_masks_bos(explorer):
 def test_heat_map_is_normalised_and_greys_unanalysed_tokens(explorer):
     analysis = explorer.analyse(PROMPT, 0.3, 1)
     feature = explorer.default_feature(analysis, 3)
-    heat = explorer.heat_map(analysis, 3, feature)
-    analysed = analysis.prompt.analysed.tolist()
-    assert [score is not None for _, score in heat] == analysed
+    heat = views.heat_map(explorer, analysis, 3, feature)
+    selected = analysis.prompt.selected.tolist()
+    assert [score is not None for _, score in heat] == selected
     scores = [score for _, score in heat if score is not None]
     assert all(-1.0 <= s <= 1.0 for s in scores) and max(scores) == 1.0
     assert heat[0][1] is None  # BOS
@@ -98,7 +99,7 @@ def test_heat_map_is_normalised_and_greys_unanalysed_tokens(explorer):
 def test_token_table_matches_sae_encode(explorer):
     analysis = explorer.analyse(PROMPT, 0.0, 0)
     position = masked_positions(explorer, PROMPT)[1]
-    table = explorer.token_table(analysis, 1, position)
+    table = views.feature_table(explorer.token_features(analysis, 1, position))
     acts = capture(explorer.base, analysis.prompt.input_ids[None], None, [1])[1][0, position]
     with torch.no_grad():
         top_acts, top_indices = explorer.saes[1].encode(acts)
@@ -127,7 +128,7 @@ def test_analyse_handler_defaults_to_the_most_active_feature(explorer):
 def test_contexts_mark_the_centre_token(explorer):
     stats = explorer.features[3]
     feature = int(stats.frequency.argmax())
-    contexts = explorer.contexts(3, feature)
+    contexts = views.contexts_table(explorer.contexts(3, feature))
     assert len(contexts) == int((stats.top_tokens[feature] >= 0).sum()) > 0
     assert contexts["context"].str.count("⟦").eq(1).all()
 
@@ -212,7 +213,7 @@ def llada_prompt(n_masks: int = 4) -> str:
 
 def test_large_clamp_steers_to_the_features_logit_lens_token(llada):
     text = llada_prompt(4)
-    lens = llada.logit_lens(2, 5, n=3)
+    lens = views.lens_table(llada.logit_lens(2, 5, n=3))
     target = next(t for t in lens["token"] if t != LLADA_MASK)
     run = llada.decode(text, 0.0, 0, 4, Steer(2, (5,), 1e4))
     generated = [llada.token_text(t) for t in run.steered.tokens[0, run.decoded]]
@@ -238,7 +239,7 @@ def test_default_is_the_published_llada_release(llada, tmp_path, monkeypatch):
     assert explorer.policy == "mask" and explorer.features == {1: None, 2: None}
     assert explorer.saes[1].base_model == "GSAI-ML/LLaDA-8B-Base"
     analysis = explorer.analyse(llada_prompt(2), 0.0, 0)
-    assert int(analysis.prompt.analysed.sum()) == 2
+    assert int(analysis.prompt.selected.sum()) == 2
 
 
 def test_llada_handlers_decode_and_show_the_logit_lens(llada):

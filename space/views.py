@@ -1,0 +1,190 @@
+"""The Space's drawing side: `Explorer` records in, tables, heat maps and markdown out.
+
+Every function here turns what `explorer.py` computed into something Gradio shows (pandas
+DataFrames, HighlightedText (text, score-or-label) pairs, markdown); nothing here runs the model.
+`app.py` wires them to components.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+from explorer import Analysis, Context, DecodeRun, Explorer, FeatureRow, LensToken
+
+from hub_sae.diffusion import Generation
+
+HeatMap = list[tuple[str, float | str | None]]
+"""HighlightedText pairs: each position's text with its score (or label), None to grey it out."""
+
+
+def header(explorer: Explorer) -> str:
+    """Markdown naming the loaded model and suite."""
+    sae = explorer.saes[explorer.layers[0]]
+    return (
+        f"# Diffusion-LM SAE explorer\n"
+        f"**Suite** `{explorer.title}` · **base model** `{explorer.base.name}` · **policy** "
+        f"`{explorer.policy}` · **layers** {explorer.layers} · {sae.d_sae:,} latents, "
+        f"k = {sae.k}. Type `{explorer.mask_text}` where you want masked positions."
+    )
+
+
+def status(explorer: Explorer, analysis: Analysis) -> str:
+    p = analysis.prompt
+    return (
+        f"{len(p.tokens)} tokens · {int(p.is_masked.sum())} masked · {int(p.selected.sum())} "
+        f"analysed (`{explorer.policy}` policy; greyed tokens are not analysed)."
+    )
+
+
+def position_choices(analysis: Analysis) -> list[tuple[str, int]]:
+    """Dropdown entries "i: token" for the selected positions."""
+    tokens, selected = analysis.prompt.tokens, analysis.prompt.selected.tolist()
+    return [(f"{i}: {tokens[i].strip()}", i) for i in range(len(tokens)) if selected[i]]
+
+
+def heat_map(explorer: Explorer, analysis: Analysis, layer: int, feature: int) -> HeatMap:
+    """(token, score in [-1, 1]) per position: activation / max |activation| over the selected
+    positions; None at positions the policy does not select."""
+    acts = explorer.feature_acts(analysis, layer, explorer.check_feature(layer, feature))
+    selected = analysis.prompt.selected
+    scale = acts[selected].abs().max().clamp_min(1e-12)
+    scores = (acts / scale).clamp(-1.0, 1.0).tolist()
+    return [
+        (token, round(score, 4) if chosen else None)
+        for token, score, chosen in zip(
+            analysis.prompt.tokens, scores, selected.tolist(), strict=True
+        )
+    ]
+
+
+def feature_table(rows: list[FeatureRow]) -> pd.DataFrame:
+    """Features with their activation and firing frequency (in %), in the given order."""
+    return pd.DataFrame(
+        [
+            {
+                "feature": row.feature,
+                "activation": round(row.activation, 4),
+                "frequency %": None if row.frequency is None else round(100 * row.frequency, 3),
+            }
+            for row in rows
+        ],
+        columns=["feature", "activation", "frequency %"],
+    )
+
+
+def contexts_table(contexts: list[Context]) -> pd.DataFrame:
+    """Top-activating contexts, the centre token between ⟦ ⟧."""
+    rows = [
+        {
+            "activation": round(c.activation, 4),
+            "context": f"{c.left} ⟦{c.centre.strip()}⟧ {c.right}",
+            "seen as": c.seen_as,
+        }
+        for c in contexts
+    ]
+    return pd.DataFrame(rows, columns=["activation", "context", "seen as"])
+
+
+def lens_table(tokens: list[LensToken]) -> pd.DataFrame:
+    """The logit lens: promoted tokens and their logits."""
+    rows = [{"token": t.token, "logit": round(t.logit, 3)} for t in tokens]
+    return pd.DataFrame(rows, columns=["token", "logit"])
+
+
+def feature_summary(explorer: Explorer, analysis: Analysis, layer: int, feature: int) -> str:
+    """Markdown: the feature's firing frequency and its peak on the prompt."""
+    feature = explorer.check_feature(layer, feature)
+    stats = explorer.features.get(layer)
+    lines = [f"### Feature {feature} · layer {layer}"]
+    if stats is None:
+        lines.append("No feature statistics (features.safetensors) were published for this layer.")
+    else:
+        lines.append(
+            f"Fires on **{100 * float(stats.frequency[feature]):.3f} %** of {stats.tokens:,} "
+            f"`{explorer.policy}`-policy training positions."
+        )
+    peak = explorer.peak_position(analysis, layer, feature)
+    value = float(explorer.feature_acts(analysis, layer, feature)[peak])
+    lines.append(
+        f"On this prompt: max **{value:.3f}** at position {peak} "
+        f"(`{analysis.prompt.tokens[peak].strip()}`)."
+        if value > 0
+        else "Not active on the analysed positions of this prompt."
+    )
+    if explorer.head is None:
+        lines.append(f"Logit lens: `{explorer.base.name}` has no LM head.")
+    return "\n\n".join(lines)
+
+
+def decoded_text(explorer: Explorer, run: DecodeRun, generation: Generation) -> HeatMap:
+    """The decoded sequence, decoded positions labelled (`changed` where it differs from plain)."""
+    plain = run.plain.tokens[0].tolist()
+    out: HeatMap = []
+    for i, token in enumerate(generation.tokens[0].tolist()):
+        if not run.decoded[i]:
+            out.append((run.prompt.tokens[i], None))
+            continue
+        label = "generated"
+        if generation is not run.plain:
+            label = "changed" if plain[i] != token else "same"
+        out.append((" " + explorer.token_text(token).strip(), label))
+    return out
+
+
+def timeline_frame(explorer: Explorer, run: DecodeRun, generation: Generation):
+    """Positions x steps: the token once committed (with its confidence at the committing step),
+    `…` while masked; shaded by the steered feature's activation (darker = stronger)."""
+    timeline, tokens = generation.timeline, generation.tokens[0]
+    masked, commit = timeline.masked[:, 0], timeline.commit_step[0]
+    (layer,) = timeline.layers
+    watched = timeline.layers[layer].watched[:, 0, :, 0]
+    columns = ["step"] + [f"{p}:{explorer.token_text(t).strip()}" for p, t in enumerate(tokens)]
+    rows = []
+    for step in range(len(masked)):
+        row = [step + 1]
+        for p, token in enumerate(tokens.tolist()):
+            text = explorer.token_text(token).strip()
+            if int(commit[p]) == step:
+                row.append(f"{text} ({float(timeline.confidence[0, p]):.2f})")
+            else:
+                row.append("…" if masked[step, p] else text)
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=columns)
+    scale = float(watched.abs().max().clamp_min(1e-12))
+
+    def shade(_: pd.DataFrame) -> pd.DataFrame:
+        styles = pd.DataFrame("", index=frame.index, columns=frame.columns)
+        for step in range(len(masked)):
+            for p in range(len(tokens)):
+                alpha = min(1.0, float(watched[step, p]) / scale)
+                colour = f"background-color: rgba(255, 120, 0, {alpha:.2f})"
+                bold = "; font-weight: bold" if int(commit[p]) == step else ""
+                styles.iat[step, p + 1] = colour + bold
+        return styles
+
+    return frame.style.apply(shade, axis=None)
+
+
+def decode_summary(run: DecodeRun) -> str:
+    """Markdown: what was steered, and its effect and damage in the model's own numbers."""
+    steer = run.steer
+    features = ", ".join(map(str, steer.features))
+    positions = steer.positions if isinstance(steer.positions, str) else list(steer.positions)
+    window = f"{steer.window[0]:.0%}-{steer.window[1]:.0%} of the steps"
+    return (
+        f"Steered feature(s) {features} of layer {steer.layer}: {steer.mode} {steer.value:g} "
+        f"at {positions} positions during {window}.\n\n"
+        "| | unsteered | steered |\n|---|---|---|\n"
+        f"| mean activation of the steered feature(s) | {run.activation[0]:.3f} | "
+        f"{run.activation[1]:.3f} |\n"
+        f"| masked-token log-likelihood per token (the model's own) | "
+        f"{run.log_likelihood[0]:.3f} | {run.log_likelihood[1]:.3f} |"
+    )
+
+
+def cell_title(
+    explorer: Explorer, which: str, generation: Generation, step: int, position: int
+) -> str:
+    """Markdown naming one timeline cell: which run, step, position, token and its state then."""
+    token = explorer.token_text(int(generation.tokens[0, position])).strip()
+    state = "masked" if generation.timeline.masked[step, 0, position] else "committed"
+    return f"{which}: step {step + 1}, position {position} (`{token}`, {state} then)"
