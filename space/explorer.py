@@ -116,7 +116,7 @@ def unembed(base: BaseModel) -> nn.Module | None:
 
 @dataclass(frozen=True)
 class Prompt:
-    """A tokenised prompt and the positions the suite's policy analyses."""
+    """A tokenised prompt and the positions the suite's policy selects."""
 
     input_ids: Tensor
     """[T] what the model reads: the mask token at every masked position."""
@@ -174,6 +174,8 @@ class DecodeRun(NamedTuple):
 
 
 class Analysis(NamedTuple):
+    """A prompt and every layer's SAE latents on it."""
+
     prompt: Prompt
     latents: dict[int, EncoderOutput]
     """layer -> top_acts, top_indices [T, k] on the CPU; zeros where the policy does not look."""
