@@ -13,11 +13,13 @@ one rule that tells a local path from a hub repo id.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
@@ -44,12 +46,33 @@ def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_TORCH_FULL = ("unexpected pos", "file write failed")  # torch.save's words for a short write
+
+
+@contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Turn a write that fails for lack of space (torch says "unexpected pos") into an OSError
+    that names `path` and the fix."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        full = e.errno in _FULL if isinstance(e, OSError) else any(m in str(e) for m in _TORCH_FULL)
+        if not full:
+            raise
+        raise OSError(
+            errno.ENOSPC,
+            f"no space left to write {path}: free disk space there, or write elsewhere "
+            "(e.g. --output_dir on a larger disk)",
+        ) from e
+
+
 def write_atomic(path: str | Path, data: bytes | str) -> Path:
     """Write `data` to `path` through a unique temp file + rename: no reader sees half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "xb") as f:
+        with writing(path), open(tmp, "xb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
@@ -73,7 +96,8 @@ def write_folder(path: str | Path, fill: Callable[[Path], None]) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        fill(tmp)
+        with writing(path):
+            fill(tmp)
         shutil.rmtree(old, ignore_errors=True)
         if path.exists():
             os.replace(path, old)

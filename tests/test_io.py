@@ -1,6 +1,9 @@
 """hub_sae.io: atomic writes, the containment rule and the local-path-or-repo-id rule."""
 
+import errno
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from hub_sae.io import (
     write_atomic,
     write_folder,
     write_json,
+    writing,
 )
 
 
@@ -85,3 +89,26 @@ def test_local_path_never_takes_a_missing_path_for_a_repo_id(tmp_path: Path, mon
     with pytest.raises(FileNotFoundError, match="neither an existing local path .* owner/name"):
         local_path("c_nolayer")
     assert not is_repo_id("a/b/c") and not is_repo_id("me/bad..name") and not is_repo_id("x")
+
+
+FULL_DISK = """
+import resource, signal, sys, torch
+from hub_sae.io import writing
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+with writing(sys.argv[1]):
+    torch.save({"w": torch.zeros(100_000)}, sys.argv[1])
+"""
+
+
+def test_a_full_disk_names_the_path_and_the_fix(tmp_path: Path) -> None:
+    """torch.save on a full disk says only "unexpected pos"; `writing` names the file and the fix."""
+    target = tmp_path / "trainer.pt"
+    done = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(target)], capture_output=True, text=True
+    )
+    assert done.returncode != 0
+    assert f"OSError: [Errno {errno.ENOSPC}] no space left to write {target}" in done.stderr
+    assert "unexpected pos" in done.stderr  # the cause stays in the traceback
+    with pytest.raises(RuntimeError, match="something else"), writing(target):
+        raise RuntimeError("something else")

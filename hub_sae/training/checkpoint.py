@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from hub_sae.io import writing
 from hub_sae.training.config import TrainConfig
 
 
@@ -52,10 +53,11 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(process, tmp / f"rank_{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        layout = {"processes": accelerator.num_processes, "distribute": mode}
-        torch.save({**trainer, **layout}, tmp / "trainer.pt")
+    with writing(tmp):
+        torch.save(process, tmp / f"rank_{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            layout = {"processes": accelerator.num_processes, "distribute": mode}
+            torch.save({**trainer, **layout}, tmp / "trainer.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         os.replace(tmp, root / f"step_{step:08d}")
