@@ -155,6 +155,7 @@ def test_cli_overrides_the_config_file() -> None:
         (["--name", "."], "--name '.': a run name is letters"),
         (["--name", "../../x"], "--name '../../x': a run name is letters"),
         (["--distribute", "shards"], "--distribute must be modules or replicate"),
+        (["--sae_autocast", "fp16"], "--sae_autocast must be no or bfloat16; got 'fp16'"),
         (["--layers", "[1,3]"], "--layers: invalid int value"),
     ],
 )
