@@ -220,10 +220,8 @@ class _Decode(torch.autograd.Function):
         """(decoded top k, decoded AuxK selection), both without b_dec."""
         ctx.save_for_backward(weight, acts, indices, aux_acts, aux_indices)
         ctx.set_materialize_grads(False)
-        decoded, aux_decoded = (
-            _decode(weight, acts, indices),
-            _decode(weight, aux_acts, aux_indices),
-        )
+        decoded = _decode(weight, acts, indices)
+        aux_decoded = _decode(weight, aux_acts, aux_indices)
         return decoded.to(weight.dtype), aux_decoded.to(weight.dtype)  # a GEMM may autocast
 
     @staticmethod
