@@ -24,6 +24,7 @@ activations under the mask policy (the embedded model and corpus). The reference
 
     python benchmarks/train_step.py            # all cases
     python benchmarks/train_step.py --small    # d_in 384 only
+    python benchmarks/train_step.py --small --only-hub --autocast   # fp32 vs bf16 autocast
     python benchmarks/train_step.py --device cuda --dtype bfloat16 --synthetic   # on a GPU
 """
 
@@ -104,8 +105,11 @@ def adam(params) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=LR, betas=(0.9, 0.999), fused=True)
 
 
-def hub_runner(case: Case, dead: Tensor, first: Tensor, weight_grad: str | None = None) -> Runner:
-    """hub-sae's step; `weight_grad` picks its weight-gradient kernel (default: the device's)."""
+def hub_runner(
+    case: Case, dead: Tensor, first: Tensor, weight_grad: str | None = None, autocast: bool = False
+) -> Runner:
+    """hub-sae's step; `weight_grad` picks its weight-gradient kernel (default: the device's),
+    `autocast` runs the forward under bfloat16 autocast (the trainer's --sae_autocast bfloat16)."""
     sae = TopKSAE(case.d_in, case.d_sae, case.k).to(first.device, first.dtype)
     path = weight_grad or weight_grad_path[first.device.type]
     sae.b_dec.data.copy_(first.mean(0))
@@ -114,7 +118,8 @@ def hub_runner(case: Case, dead: Tensor, first: Tensor, weight_grad: str | None 
 
     def step(x: Tensor) -> None:
         weight_grad_path[x.device.type] = path
-        out = sae(x, dead_mask=dead)
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=autocast):
+            out = sae(x, dead_mask=dead)
         (out.fvu + AUXK_ALPHA * out.auxk_loss).backward()
         sae.remove_gradient_parallel_to_decoder_directions()
         optimizer.step()
@@ -256,10 +261,12 @@ def bench_case(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     weight_grads: tuple[str, ...] = (),
+    autocast: bool = False,
 ) -> dict[str, object]:
     """Train every available library for case.rounds steps in alternation; times and FVUs.
 
-    Each of `weight_grads` adds a hub-sae runner `hub_sae_<path>` with that weight-gradient kernel.
+    Each of `weight_grads` adds a hub-sae runner `hub_sae_<path>` with that weight-gradient kernel;
+    `autocast` adds `hub_sae_autocast_bf16`, hub-sae's step under bfloat16 autocast.
     """
     train, heldout = (t.to(device, dtype) for t in activations(case))
     batches = train.split(BATCH)
@@ -268,6 +275,8 @@ def bench_case(
     runners: dict[str, Runner] = {}
     errors: dict[str, str] = {}
     variants = {f"hub_sae_{p}": functools.partial(hub_runner, weight_grad=p) for p in weight_grads}
+    if autocast:
+        variants["hub_sae_autocast_bf16"] = functools.partial(hub_runner, autocast=True)
     for name, make in {"hub_sae": hub_runner, **variants, **REFERENCES}.items():
         if name in skip:
             continue
@@ -392,6 +401,11 @@ def main() -> None:
         choices=WEIGHT_GRAD_PATHS,
         help="also time hub-sae with this weight-gradient kernel (repeatable)",
     )
+    parser.add_argument(
+        "--autocast",
+        action="store_true",
+        help="also time hub-sae with its forward under bfloat16 autocast (fp32 weights)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -414,7 +428,7 @@ def main() -> None:
                 f"warning: load average {load:.1f} before the run; busy cores stall every "
                 "multi-threaded op, so these timings will be slow and noisy"
             )
-        result = bench_case(case, skip, args.device, dtype, tuple(args.weight_grad))
+        result = bench_case(case, skip, args.device, dtype, tuple(args.weight_grad), args.autocast)
         result.update(
             threads=args.threads,
             load_avg_1min=[load, os.getloadavg()[0]],

@@ -8,6 +8,10 @@ Only the k active latents of each token are ever touched after the encoder GEMM:
 latent) pairs sorted by latent, so no dense (tokens x d_sae) tensor is built in decode or in any
 backward pass. AuxK works the same way, except over at most 2 d_in dead latents, where a dense
 [tokens, n_dead] block and GEMMs are cheaper than gathering d_in / 2 rows per token.
+
+Under `torch.autocast` the forward's GEMMs run in the autocast dtype (bfloat16) and every output
+is cast back to the weights' dtype, so the losses and the backward (run outside autocast, as
+torch advises) stay float32.
 """
 
 from __future__ import annotations
@@ -155,9 +159,11 @@ class _TopKEncoder(torch.autograd.Function):
     ):
         """(top-k activations, their indices, AuxK's values, AuxK's indices)."""
         sae_in = x - b_dec
-        pre_acts = F.linear(sae_in, weight, bias)
+        pre_acts = F.linear(sae_in, weight, bias)  # under autocast: a bfloat16 GEMM
         values, indices = pre_acts.topk(k, dim=-1, sorted=False)
         aux_values, aux_indices = _aux_select(pre_acts, dead, k_aux, block)
+        # Back to the weights' dtype: the decoder, the losses and this backward stay float32.
+        values, aux_values = values.to(weight.dtype), aux_values.to(weight.dtype)
         ctx.save_for_backward(sae_in, weight, indices, values, aux_indices, aux_values)
         ctx.mark_non_differentiable(indices, aux_indices)
         ctx.set_materialize_grads(False)  # a missing gradient stays None, not a dense zero
@@ -214,7 +220,9 @@ class _Decode(torch.autograd.Function):
         """(decoded top k, decoded AuxK selection), both without b_dec."""
         ctx.save_for_backward(weight, acts, indices, aux_acts, aux_indices)
         ctx.set_materialize_grads(False)
-        return _decode(weight, acts, indices), _decode(weight, aux_acts, aux_indices)
+        decoded = _decode(weight, acts, indices)
+        aux_decoded = _decode(weight, aux_acts, aux_indices)
+        return decoded.to(weight.dtype), aux_decoded.to(weight.dtype)  # a GEMM may autocast
 
     @staticmethod
     def backward(ctx, grad: Tensor | None, grad_aux: Tensor | None):  # type: ignore[override]

@@ -78,17 +78,19 @@ def test_gradients_match_dense_reference_including_auxk(sae, n_dead, path, monke
 
 
 class ShapeRecorder(TorchDispatchMode):
-    """Records the shape of every tensor any aten op produces."""
+    """Records the shape of every tensor any aten op produces, and its (op name, dtype)."""
 
     def __init__(self):
         super().__init__()
         self.shapes: list[tuple[int, ...]] = []
+        self.dtypes: list[tuple[str, torch.dtype]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else [out]:
             if isinstance(t, torch.Tensor):
                 self.shapes.append(tuple(t.shape))
+                self.dtypes.append((func.overloadpacket.__name__, t.dtype))
         return out
 
 
@@ -108,6 +110,31 @@ def test_no_dense_tokens_by_latents_tensor_in_decode_or_backward():
     assert rec.shapes, "the recorder saw the backward ops"
     assert not [s for s in rec.shapes if n * d_sae <= torch.Size(s).numel()]
     assert sae.encoder.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("n_dead", [40, 100])
+def test_bf16_autocast_runs_the_encoder_gemm_in_bf16_and_keeps_fp32_gradients(sae, n_dead):
+    x = torch.randn(40, 32)
+    dead = torch.zeros(128, dtype=torch.bool)
+    dead[torch.randperm(128)[:n_dead]] = True
+    grads, indices = {}, {}
+    for autocast in (False, True):
+        sae.zero_grad()
+        with ShapeRecorder() as rec, torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            out = sae(x, dead_mask=dead, k_aux=8)
+        assert out.fvu.dtype == out.auxk_loss.dtype == out.reconstruction.dtype == torch.float32
+        gemms = {dtype for op, dtype in rec.dtypes if op in ("addmm", "mm")}
+        assert gemms == {torch.bfloat16 if autocast else torch.float32}
+        (out.fvu + out.auxk_loss).backward()
+        grads[autocast] = {n: p.grad.clone() for n, p in sae.named_parameters()}
+        indices[autocast] = out.latents.top_indices.sort(1).values
+    assert (indices[True] == indices[False]).all(1).float().mean() > 0.9
+    for name, fp32 in grads[False].items():
+        bf16 = grads[True][name]
+        assert bf16.dtype == torch.float32
+        # bf16 keeps 8 significant bits, and near-ties in the top k (or AuxK's k) may swap: a
+        # few latents' rows differ, so the gradients agree to a few percent, not to rounding.
+        assert (bf16 - fp32).norm() < 0.1 * fp32.norm(), name
 
 
 def test_decoder_rows_unit_norm_and_parallel_gradient_removed(sae):

@@ -155,6 +155,7 @@ def test_cli_overrides_the_config_file() -> None:
         (["--name", "."], "--name '.': a run name is letters"),
         (["--name", "../../x"], "--name '../../x': a run name is letters"),
         (["--distribute", "shards"], "--distribute must be modules or replicate"),
+        (["--sae_autocast", "fp16"], "--sae_autocast must be no or bfloat16; got 'fp16'"),
         (["--layers", "[1,3]"], "--layers: invalid int value"),
     ],
 )
@@ -278,3 +279,13 @@ def test_mixed_precision_fp16_is_refused_with_the_fix(tmp_path: Path) -> None:
     log = finish(launch(tmp_path / "runs", precision="fp16"), ok=False)
     assert "--mixed_precision fp16: the SAEs train in float32" in log
     assert "launch with --mixed_precision no" in log
+
+
+def test_bf16_autocast_run_writes_a_finite_float32_suite(tmp_path: Path) -> None:
+    """--sae_autocast bfloat16 trains the SAEs with float32 weights and records the option."""
+    run = {**TINY_RUN, "layers": [3], "total_tokens": 2048, "feature_tokens": 0}
+    suite = train(TrainConfig(output_dir=str(tmp_path), sae_autocast="bfloat16", **run))
+    sae = TopKSAE.from_pretrained(suite, layer=3)
+    assert all(p.dtype == torch.float32 and p.isfinite().all() for p in sae.parameters())
+    assert 0 < json.loads((suite / "layer_3" / "metrics.json").read_text())["fvu"] < 1
+    assert json.loads((suite / "suite.json").read_text())["training"]["sae_autocast"] == "bfloat16"

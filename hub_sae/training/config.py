@@ -24,6 +24,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "training" / "configs" / 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 DISTRIBUTE = ("modules", "replicate")
 DTYPES = ("float32", "bfloat16", "float16")
+SAE_AUTOCAST = ("no", "bfloat16")
 
 
 @dataclass
@@ -98,6 +99,14 @@ class TrainConfig:
         default=0.2, metadata={"help": "linear decay to 0 over this last share of steps"}
     )
     grad_clip: float = 1.0
+    sae_autocast: str = field(
+        default="no",
+        metadata={
+            "help": "no or bfloat16: run the SAE step's GEMMs under torch.autocast in bfloat16; "
+            "weights, gradients, Adam and the losses stay float32 (the SAE-side option: "
+            "accelerate's --mixed_precision is refused)"
+        },
+    )
     auxk_alpha: float = 1 / 32
     k_aux: int | None = field(
         default=None, metadata={"help": "AuxK latents (default d_model // 2)"}
@@ -157,6 +166,8 @@ class TrainConfig:
             )
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}.")
+        if self.sae_autocast not in SAE_AUTOCAST:
+            raise ValueError(f"--sae_autocast must be no or bfloat16; got {self.sae_autocast!r}.")
         if self.distribute not in (None, *DISTRIBUTE):
             raise ValueError(f"--distribute must be modules or replicate; got {self.distribute!r}.")
         if not self.layers or not self.ks:

@@ -95,7 +95,8 @@ def start(cfg: TrainConfig) -> Accelerator:
     if accelerator.mixed_precision != "no":
         raise ValueError(
             f"--mixed_precision {accelerator.mixed_precision}: the SAEs train in float32 and the "
-            "base model runs in --dtype (bfloat16 for LLaDA); launch with --mixed_precision no."
+            "base model runs in --dtype (bfloat16 for LLaDA); launch with --mixed_precision no "
+            "(--sae_autocast bfloat16 runs the SAE GEMMs in bfloat16 with float32 weights)."
         )
     exit_with_launcher()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -214,7 +215,9 @@ def train_step(run: Run) -> StepOutput:
     scale = torch.tensor(run.state.scale, device=acc.device)[None, :, None]
     x = share_batch(acc, next(run.batches) / scale, run.mode)
     chunks = world if run.mode == "modules" else 1
-    out = run.model(x, cfg.layers, run.since_fired > cfg.dead_tokens, cfg, chunks)
+    # Autocast covers the forward only: the SAEs' backward runs in their float32 (hub_sae/sae.py).
+    with torch.autocast(acc.device.type, torch.bfloat16, enabled=cfg.sae_autocast != "no"):
+        out = run.model(x, cfg.layers, run.since_fired > cfg.dead_tokens, cfg, chunks)
     check_finite(run, out.loss)
     acc.backward(out.loss.sum())
     run.saes.clip_and_project(cfg.grad_clip)
