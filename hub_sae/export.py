@@ -16,7 +16,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from hub_sae.io import write_folder
+from hub_sae.io import inside, write_folder
 from hub_sae.sae import TopKSAE
 from hub_sae.suite import SUITE_FILE, layer_folders
 
@@ -151,8 +151,9 @@ def export(
         for (_, sae_k), sae in saes.items():
             run = tmp / f"k_{sae_k}" if several_k else tmp
             runs.setdefault(run, []).append(sae)
-            WRITERS[fmt](sae, run / _folder_name(sae, fmt))
-            written.append(out / (run / _folder_name(sae, fmt)).relative_to(tmp))
+            folder = inside(run, _folder_name(sae, fmt))  # the hookpoint comes from a file
+            WRITERS[fmt](sae, folder)
+            written.append(out / folder.relative_to(tmp))
         if fmt == "sparsify":
             for run, group in runs.items():
                 _write_sparsify_run(group, run)

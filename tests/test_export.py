@@ -9,6 +9,7 @@ import torch
 from hub_sae import TopKSAE
 from hub_sae.cli import main
 from hub_sae.export import export
+from hub_sae.io import UnsafePathError
 from hub_sae.suite import SuiteInfo, save_suite
 from tests.test_formats import (
     D_IN,
@@ -93,3 +94,11 @@ def test_export_command_picks_one_sae_and_refuses_a_full_folder(tmp_path, capsys
     assert TopKSAE.from_pretrained(tmp_path / "one").k == 6
     assert main([*args, str(tmp_path / "one")]) == 1
     assert "already exists and is not empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["saelens", "sparsify"])
+def test_a_hookpoint_read_from_a_file_never_writes_outside_the_export(tmp_path, fmt):
+    TopKSAE(D_IN, D_SAE, 4, layer=1, hookpoint="../../escaped").save_pretrained(tmp_path / "sae")
+    with pytest.raises(UnsafePathError, match="escaped"):
+        export(tmp_path / "sae", fmt, tmp_path / "a" / "out")
+    assert not (tmp_path / "escaped").exists() and list((tmp_path / "a").iterdir()) == []
