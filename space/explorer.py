@@ -427,17 +427,17 @@ class Explorer:
             self.check_feature(layer, feature)
         saes = {layer: self.saes[layer]}
         ids = prompt.input_ids[None]
-        with self.lock:
+        decoded = prompt.is_masked
+        with self.lock:  # every forward on the shared model, hooked or not
             plain = generate(self.base, ids, int(steps), 0, saes=saes, watch=steer.features)
             steered = generate(self.base, ids, int(steps), 0, saes=saes, steering=[steer])
-        decoded = prompt.is_masked
-        numbers = [
-            (
-                float(run.timeline.layers[layer].watched[:, 0, decoded].mean()),
-                masked_log_likelihood(self.base, run.tokens[0], decoded),
-            )
-            for run in (plain, steered)
-        ]
+            numbers = [
+                (
+                    float(run.timeline.layers[layer].watched[:, 0, decoded].mean()),
+                    masked_log_likelihood(self.base, run.tokens[0], decoded),
+                )
+                for run in (plain, steered)
+            ]
         activation, log_likelihood = zip(*numbers, strict=True)
         return DecodeRun(prompt, plain, steered, steer, decoded, activation, log_likelihood)
 
