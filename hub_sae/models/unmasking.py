@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import MaskedLMOutput
 
 from hub_sae.data import DataConfig, token_batches
+from hub_sae.io import write_atomic
 from hub_sae.masking import Corruption, corrupt
 from hub_sae.models import DEFAULT_MODEL, BaseModel
 
@@ -105,8 +106,10 @@ def _masked_states(base: BaseModel, split: str, tokens: int, seed: int) -> tuple
         batch = corrupt(
             input_ids, attention_mask, base.mask_token_id, "mask", Corruption("llada"), generator
         )
-        hidden = base.model(input_ids=batch.input_ids, attention_mask=attention_mask)
-        states.append(hidden.last_hidden_state[batch.is_masked].float())
+        hidden = base.model(
+            input_ids=batch.input_ids.to(base.device), attention_mask=attention_mask.to(base.device)
+        )
+        states.append(hidden.last_hidden_state[batch.is_masked.to(base.device)].float().cpu())
         targets.append(input_ids[batch.is_masked])
         seen += input_ids.numel()
         if seen >= tokens:
@@ -126,8 +129,9 @@ def fit_head(base: BaseModel, fit: HeadFit = HeadFit()) -> tuple[UnmaskingHead, 
     start = time.perf_counter()
     states, targets = _masked_states(base, "train", fit.fit_tokens, fit.seed)
     heldout = _masked_states(base, "heldout", fit.heldout_tokens, fit.seed + 1)
-    head = UnmaskingHead(base.model.get_input_embeddings())
-    embeddings = head.decoder.weight.float()
+    # fitted on the CPU in float32 (states and targets are there), then tied to the model's own
+    embeddings = base.model.get_input_embeddings().weight.detach().float().cpu()
+    head = UnmaskingHead(nn.Embedding.from_pretrained(embeddings))
     x = torch.cat([states, torch.ones(len(states), 1)], dim=1)
     gram = x.T @ x + fit.ridge * len(x) * torch.eye(x.shape[1])
     solution = torch.linalg.solve(gram, x.T @ embeddings[targets])  # [d + 1, d]
@@ -153,24 +157,26 @@ def fit_head(base: BaseModel, fit: HeadFit = HeadFit()) -> tuple[UnmaskingHead, 
         "fit_seconds": f"{time.perf_counter() - start:.1f}",
         **{field: str(value) for field, value in dataclasses.asdict(fit).items()},
     }
-    return head.requires_grad_(False).eval(), meta
+    return tied_head(base, head.fitted_state()), meta
+
+
+def tied_head(base: BaseModel, fitted: dict[str, Tensor]) -> UnmaskingHead:
+    """A head with the `fitted` tensors whose decoder is `base`'s own word embeddings."""
+    head = UnmaskingHead(base.model.get_input_embeddings())
+    head.load_state_dict({**fitted, "decoder.weight": head.decoder.weight}, strict=True)
+    return head.requires_grad_(False).eval()
 
 
 def load_or_fit_head(base: BaseModel, fit: HeadFit = HeadFit()) -> tuple[UnmaskingHead, dict]:
     """The cached head (cache_dir() / HEAD_FILE) when its settings match `fit`, else a new fit,
     written atomically."""
-    from hub_sae.cards import write_atomic
-
     path = cache_dir() / HEAD_FILE
     wanted = {field: str(value) for field, value in dataclasses.asdict(fit).items()}
     if path.is_file():
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         if all(meta.get(k) == v for k, v in wanted.items()):
-            head = UnmaskingHead(base.model.get_input_embeddings())
-            state = {**load_file(str(path)), "decoder.weight": head.decoder.weight}
-            head.load_state_dict(state, strict=True)
-            return head.requires_grad_(False).eval(), meta
+            return tied_head(base, load_file(str(path))), meta
     head, meta = fit_head(base, fit)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, save(head.fitted_state(), metadata=meta))
