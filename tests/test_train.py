@@ -18,7 +18,7 @@ from hub_sae.models import load_base_model
 from hub_sae.suite import validate_suite
 from hub_sae.training import TrainConfig, parse_args, train
 from hub_sae.training.loop import lr_schedule
-from hub_sae.training.plan import model_shape, plan, plan_mode
+from hub_sae.training.plan import check_fits, model_shape, plan, plan_mode
 from hub_sae.training.saes import SAESet, geometric_median, owners
 from hub_sae.training.stream import ActivationStream
 from tests.conftest import ROOT, TINY_RUN, finish, launch, wait_gone, workers
@@ -157,6 +157,14 @@ def test_cli_overrides_the_config_file() -> None:
         (["--distribute", "shards"], "--distribute must be modules or replicate"),
         (["--sae_autocast", "fp16"], "--sae_autocast must be no or bfloat16; got 'fp16'"),
         (["--layers", "[1,3]"], "--layers: invalid int value"),
+        (["--layers", "1", "1"], r"--layers repeats a value: \[1, 1\]"),
+        (["--ks", "32", "32"], r"--ks repeats a value"),
+        (["--feature_tokens", "-1"], "--feature_tokens must be 0 or more; got -1"),
+        (["--grad_clip", "0"], "--grad_clip must be a positive finite number"),
+        (["--lr", "inf"], "--lr must be a positive finite number"),
+        (["--beta2", "1"], r"--beta2 must lie in \[0, 1\)"),
+        (["--auxk_alpha", "-1"], "--auxk_alpha must be 0 or a positive finite number"),
+        (["--k_aux", "0"], r"--k_aux must be at least 1 \(or unset\)"),
     ],
 )
 def test_bad_command_line_values_name_the_option(capsys, argv: list[str], message: str) -> None:
@@ -289,3 +297,9 @@ def test_bf16_autocast_run_writes_a_finite_float32_suite(tmp_path: Path) -> None
     assert all(p.dtype == torch.float32 and p.isfinite().all() for p in sae.parameters())
     assert 0 < json.loads((suite / "layer_3" / "metrics.json").read_text())["fvu"] < 1
     assert json.loads((suite / "suite.json").read_text())["training"]["sae_autocast"] == "bfloat16"
+
+
+def test_memory_check_with_more_processes_than_saes_names_the_problem() -> None:
+    cfg = TrainConfig(layers=[1], ks=[32])
+    with pytest.raises(ValueError, match="modules needs at least one SAE per process: 1 SAEs, 4"):
+        check_fits(cfg, 4, 4, torch.device("cpu"))

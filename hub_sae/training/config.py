@@ -7,6 +7,7 @@ is loaded or written.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -172,6 +173,37 @@ class TrainConfig:
             raise ValueError(f"--distribute must be modules or replicate; got {self.distribute!r}.")
         if not self.layers or not self.ks:
             raise ValueError("--layers and --ks each need at least one value, e.g. --ks 32.")
+        for name in ("layers", "ks"):
+            values = getattr(self, name)
+            if len(set(values)) < len(values):
+                raise ValueError(f"--{name} repeats a value: {values}; give each one once.")
+        counts = (
+            "warmup_steps",
+            "checkpoint_every",
+            "dead_tokens",
+            "eval_tokens",
+            "feature_tokens",
+        )
+        for name in counts:
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be 0 or more; got {getattr(self, name)}.")
+        for name in ("lr", "grad_clip"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(
+                    f"--{name} must be a positive finite number; got {getattr(self, name)}."
+                )
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"--{name} must lie in [0, 1); got {getattr(self, name)}.")
+        if not 0 <= self.auxk_alpha < math.inf:
+            raise ValueError(
+                f"--auxk_alpha must be 0 or a positive finite number; got {self.auxk_alpha}."
+            )
+        for name in ("k_aux", "d_sae"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(
+                    f"--{name} must be at least 1 (or unset); got {getattr(self, name)}."
+                )
         if not 0 <= self.decay_fraction <= 1:
             raise ValueError(f"--decay_fraction must lie in [0, 1]; got {self.decay_fraction}.")
 

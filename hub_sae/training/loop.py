@@ -12,6 +12,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -75,6 +76,11 @@ class Run:
     @property
     def world_batch(self) -> int:
         return self.cfg.sae_batch_size * self.accelerator.num_processes
+
+    @cached_property
+    def scale(self) -> Tensor:
+        """[1, n_layers, 1] input scale on the device, fixed before step 0 (read from step 0 on)."""
+        return torch.tensor(self.state.scale, device=self.accelerator.device)[None, :, None]
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
@@ -212,8 +218,7 @@ def fit(run: Run) -> float:
 def train_step(run: Run) -> StepOutput:
     """One Adam step of every SAE this process holds, on the global batch."""
     cfg, acc, world = run.cfg, run.accelerator, run.accelerator.num_processes
-    scale = torch.tensor(run.state.scale, device=acc.device)[None, :, None]
-    x = share_batch(acc, next(run.batches) / scale, run.mode)
+    x = share_batch(acc, next(run.batches) / run.scale, run.mode)
     chunks = world if run.mode == "modules" else 1
     # Autocast covers the forward only: the SAEs' backward runs in their float32 (hub_sae/sae.py).
     with torch.autocast(acc.device.type, torch.bfloat16, enabled=cfg.sae_autocast != "no"):

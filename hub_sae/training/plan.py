@@ -203,7 +203,8 @@ def check_fits(
     result = plan(cfg, processes, shape)
     mode = cfg.mode(processes)
     sharing = 1 if device.type == "cuda" else local_processes  # CPU processes share one RAM
-    need = result["modes"][mode]["per_process_bytes"] * sharing
+    # plan() leaves modules out when processes outnumber SAEs: plan_mode then names the problem
+    need = plan_mode(cfg, shape, processes, mode).per_process_bytes * sharing
     free = free_memory(device)
     if need <= free:
         return result
