@@ -119,7 +119,14 @@ def _push(args: argparse.Namespace) -> int:
         print(format_file_list(files))
         return 0
     commit = push_suite(
-        root, args.repo_id, args.private, args.token, args.message, args.revision, args.create_pr
+        root,
+        args.repo_id,
+        args.private,
+        args.token,
+        args.message,
+        args.revision,
+        args.create_pr,
+        files=files,
     )
     where = f"pull request {commit.pr_url}" if commit.pr_url else f"one commit: {commit.commit_url}"
     print(f"pushed {root} to {args.repo_id} in {where}")

@@ -178,10 +178,12 @@ def push_suite(
     commit_message: str | None = None,
     revision: str | None = None,
     create_pr: bool = False,
+    files: list[SuiteFile] | None = None,
 ) -> CommitInfo:
     """Create `repo_id` if needed and make the repo (at `revision`) hold exactly the suite, in one
-    commit, or in a pull request with `create_pr`."""
-    files = check_publishable(root, repo_id)
+    commit, or in a pull request with `create_pr`. `files`: what `check_publishable` already
+    returned for this suite (it loads every SAE, so it need not run twice)."""
+    files = check_publishable(root, repo_id) if files is None else files
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     if revision is not None and not create_pr:
