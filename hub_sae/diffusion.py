@@ -16,6 +16,7 @@ steps at chosen positions, the SAE error kept (h + sum_f (new_f - old_f) W_dec[f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -60,6 +61,8 @@ class Steer:
             )
         if not self.features:
             raise ValueError("Steer needs at least one feature.")
+        if not math.isfinite(self.value):
+            raise ValueError(f"Steer value must be a finite number; got {self.value}.")
 
     def active(self, step: int, steps: int) -> bool:
         """Whether step `step` (0-based) of `steps` lies in the window."""

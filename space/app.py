@@ -21,7 +21,7 @@ from collections.abc import Callable
 import gradio as gr
 import pandas as pd
 import views
-from explorer import Analysis, DecodeRun, Explorer, InputError
+from explorer import Analysis, DecodeRun, Explorer, InputError, whole_number
 
 from hub_sae.diffusion import Steer
 
@@ -105,7 +105,7 @@ def parse_steer(
         return Steer(
             int(layer),
             (int(feature or 0),),
-            float(value or 0.0),
+            float(value or 0.0),  # Steer refuses a non-finite value
             mode or "clamp",
             (0.0, float(share or 1.0)),
             where,
@@ -123,9 +123,8 @@ def _run(
         n = len(explorer.prepare(prompt, float(ratio or 0.0), explorer.check_seed(seed)).tokens)
         if not all(0 <= p < n for p in steer.positions):
             raise InputError(f"Steer positions must lie in 0..{n - 1}; got {positions!r}.")
-    return explorer.decode(
-        prompt, float(ratio or 0.0), explorer.check_seed(seed), int(steps or 1), steer
-    )
+    steps = whole_number("Steps", 1 if steps is None else steps, explorer.max_tokens)
+    return explorer.decode(prompt, float(ratio or 0.0), explorer.check_seed(seed), steps, steer)
 
 
 @user_errors

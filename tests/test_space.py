@@ -159,6 +159,10 @@ def test_bad_inputs_are_clear_errors(explorer):
         app.decode(explorer, PROMPT, 3, 0.0, 0, 4, 0, 1.0, "clamp", 1.0, "first")
     with pytest.raises(gr.Error, match="Feature must be a whole number"):
         app.decode(explorer, PROMPT, 3, 0.0, 0, 4, "abc", 1.0, "clamp", 1.0, "masked")
+    with pytest.raises(gr.Error, match="Steps must be a whole number"):
+        app.decode(explorer, PROMPT, 3, 0.0, 0, "x", 0, 1.0, "clamp", 1.0, "masked")
+    with pytest.raises(gr.Error, match="Steer value must be a finite number; got inf"):
+        app.decode(explorer, PROMPT, 3, 0.0, 0, 4, 0, float("inf"), "clamp", 1.0, "masked")
     with pytest.raises(gr.Error, match=r"must lie in 0\.\.18"):
         app.decode(explorer, PROMPT, 3, 0.0, 0, 4, 0, 1.0, "clamp", 1.0, "3, 99")
 
