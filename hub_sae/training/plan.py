@@ -15,9 +15,9 @@ from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
-from hub_sae.models import DEFAULT_MODEL, is_llada
+from hub_sae.models import DEFAULT_MODEL, family_of_config, is_llada
 from hub_sae.training.config import DISTRIBUTE, TrainConfig
 from hub_sae.training.saes import placement, sae_numel
 
@@ -69,7 +69,10 @@ def _config_json(name: str) -> Path | None:
 
 def _hf_model(config, folder: Path) -> torch.nn.Module:
     """The module `load_hf` ends up with: the masked-LM model, or its encoder when the checkpoint's
-    weights (their names, read from the safetensors header only) hold no head."""
+    weights (their names, read from the safetensors header only) hold no head; for a causal LM
+    (family ar) the causal-LM model with its head."""
+    if family_of_config(config.to_dict()) == "ar":
+        return AutoModelForCausalLM.from_config(config)
     try:
         model = AutoModelForMaskedLM.from_config(config)
     except ValueError:  # no masked-LM class for this architecture
@@ -100,7 +103,7 @@ def model_shape(name: str) -> ModelShape:
             model = LLaDAModelLM(config)
             d_model, n_layers = config.d_model, config.n_layers
         else:
-            config = AutoConfig.from_pretrained(path.parent)
+            config = AutoConfig.from_pretrained(path.parent, trust_remote_code=False)
             model = _hf_model(config, path.parent)
             d_model, n_layers = config.hidden_size, config.num_hidden_layers
     return ModelShape(sum(p.numel() for p in model.parameters()), d_model, n_layers)
