@@ -41,6 +41,7 @@ def test_launch_trains_a_causal_lm_with_the_clean_policy_and_refuses_mask(tmp_pa
     card = str(render_card(suite_spec(suite, "me/tiny-qwen-clean"))).splitlines()
     header = next(line for line in card if line.startswith("| layer | k |"))  # the metric table
     assert "delta next-token CE" in header and "policy splice" not in header
+    assert "| corruption | none: the clean policy reads uncorrupted text |" in card
 
 
 @pytest.mark.slow
