@@ -14,15 +14,13 @@ from safetensors.torch import load_file, save_file
 
 from hub_sae.models import is_llada, load_base_model
 from hub_sae.models.llada import (
-    INDEX_FILE,
     LLaDAConfig,
     LLaDAModelLM,
-    apply_rope,
     load_llada,
     load_llada_model,
-    rope_cos_sin,
     save_llada_model,
 )
+from hub_sae.models.native import INDEX_FILE, apply_rope, rope_cos_sin
 
 BLOCK_PARAMS = (
     "attn_norm",
@@ -180,7 +178,7 @@ def test_attention_is_bidirectional():
 def test_rope_matches_complex_rotation(theta, tol):
     """Angles are float32 as in LLaDA, so fast rotations (small theta) drift by ~1e-6 rad."""
     x = torch.randn(2, 4, 16, 32, generator=torch.Generator().manual_seed(2))
-    rotated = apply_rope(x, *rope_cos_sin(16, 32, theta))
+    rotated = apply_rope(x, *rope_cos_sin(torch.arange(16), 32, theta))
     torch.testing.assert_close(rotated, reference_rope(x, theta), atol=tol, rtol=tol)
 
 
@@ -204,7 +202,9 @@ def test_block_matches_explicit_attention(n_kv_heads):
     key_mask[1, 6:] = False
     with torch.no_grad():
         out = block(
-            x, rope_cos_sin(9, config.head_dim, config.rope_theta), key_mask[:, None, None, :]
+            x,
+            rope_cos_sin(torch.arange(9), config.head_dim, config.rope_theta),
+            key_mask[:, None, None, :],
         )
         torch.testing.assert_close(
             out, reference_block(block, x, config, key_mask), atol=1e-5, rtol=0
