@@ -30,17 +30,23 @@ def save_word_tokenizer(
     words: list[str],
     special: list[str],
     config: dict | None = None,
+    prefix: str | None = None,
     **tokens: str,
 ) -> None:
     """A whitespace WordLevel tokenizer (token id = index in `words`) saved as tokenizer.json and
-    tokenizer_config.json; `special` tokens split out of any text, `tokens` name bos/eos/pad/mask,
-    and `config` entries (e.g. a chat_template, auto_map) are written into tokenizer_config.json."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    tokenizer_config.json; `special` tokens split out of any text, `prefix` (e.g. BOS) starts every
+    encoding made with special tokens, `tokens` name bos/eos/pad/mask, and `config` entries (e.g. a
+    chat_template, auto_map) are written into tokenizer_config.json."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.add_special_tokens([AddedToken(t, special=True) for t in special])
+    if prefix:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{prefix} $A", special_tokens=[(prefix, words.index(prefix))]
+        )
     PreTrainedTokenizerFast(tokenizer_object=backend, **tokens).save_pretrained(path)
     if config:
         file = path / "tokenizer_config.json"

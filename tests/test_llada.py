@@ -21,6 +21,7 @@ from hub_sae.models.llada import (
     save_llada_model,
 )
 from hub_sae.models.native import INDEX_FILE, apply_rope, rope_cos_sin
+from hub_sae.training.plan import model_shape
 
 BLOCK_PARAMS = (
     "attn_norm",
@@ -141,6 +142,70 @@ def test_parameter_names_match_the_official_checkpoint(saved):
     assert set(load_llada_model(path).state_dict()) == official
     weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
     assert set(weight_map) == official
+
+
+INSTRUCT_CONFIG = {
+    "activation_type": "silu",
+    "alibi": False,
+    "alibi_bias_max": 8.0,
+    "architectures": ["LLaDAModelLM"],
+    "attention_dropout": 0.0,
+    "attention_layer_norm": False,
+    "attention_layer_norm_with_affine": True,
+    "auto_map": {
+        "AutoConfig": "configuration_llada.LLaDAConfig",
+        "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
+        "AutoModel": "modeling_llada.LLaDAModelLM",
+    },
+    "bias_for_layer_norm": False,
+    "block_group_size": 1,
+    "block_type": "llama",
+    "d_model": 4096,
+    "embedding_dropout": 0.0,
+    "embedding_size": 126464,
+    "eos_token_id": 126081,
+    "flash_attention": False,
+    "include_bias": False,
+    "include_qkv_bias": False,
+    "init_cutoff_factor": None,
+    "init_device": "meta",
+    "init_fn": "mitchell",
+    "init_std": 0.02,
+    "input_emb_norm": False,
+    "layer_norm_type": "rms",
+    "layer_norm_with_affine": True,
+    "mask_token_id": 126336,
+    "max_sequence_length": 4096,
+    "mlp_hidden_size": 12288,
+    "mlp_ratio": 4,
+    "model_type": "llada",
+    "multi_query_attention": None,
+    "n_heads": 32,
+    "n_kv_heads": 32,
+    "n_layers": 32,
+    "pad_token_id": 126081,
+    "precision": "amp_bf16",
+    "residual_dropout": 0.0,
+    "rms_norm_eps": 1e-05,
+    "rope": True,
+    "rope_full_precision": True,
+    "rope_theta": 500000.0,
+    "scale_logits": False,
+    "transformers_version": "4.46.3",
+    "use_cache": False,
+    "vocab_size": 126464,
+    "weight_tying": False,
+}
+"""config.json of GSAI-ML/LLaDA-8B-Instruct (LLaDA-1.5 has the same keys and values)."""
+
+
+def test_instruct_and_llada_1_5_config_json_loads(tmp_path):
+    """The Instruct / 1.5 config names the remote code (auto_map) and options hub-sae checks."""
+    assert LLaDAConfig.from_dict(INSTRUCT_CONFIG) == LLaDAConfig()
+    (tmp_path / "config.json").write_text(json.dumps(INSTRUCT_CONFIG))
+    assert is_llada(str(tmp_path))
+    # LLaDA-8B's 8.02B parameters, counted on `meta` from this config.json
+    assert model_shape(str(tmp_path)) == (8_015_581_184, 4096, 32)
 
 
 def test_config_from_real_config_json_ignores_unknown_keys():
