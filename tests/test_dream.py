@@ -240,7 +240,12 @@ def test_loader_errors_name_the_tensor_and_the_file(tmp_path):
 def test_missing_files_and_bad_configs_are_named(tmp_path):
     path = write_tiny_dream(tmp_path / "d")
     (path / "tokenizer.json").unlink()
-    with pytest.raises(FileNotFoundError, match="no tokenizer.json.*Dream-org/Dream-v0-Base-7B"):
+    with pytest.raises(
+        FileNotFoundError, match="no tokenizer .*vocab.json and merges.txt from Dream"
+    ):
+        load_dream(path)
+    (path / "vocab.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="no tokenizer"):
         load_dream(path)
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").unlink()

@@ -250,15 +250,16 @@ def save_dream_model(
 def _load_tokenizer(path: Path):
     """tokenizer.json when there is one; else Qwen2's byte-level BPE from vocab.json and
     merges.txt (the official repos ship those for their remote `DreamTokenizer`, a Qwen2 copy)."""
-    if not (path / "tokenizer.json").is_file() and (path / "vocab.json").is_file():
-        from transformers import Qwen2Tokenizer
+    if (path / "tokenizer.json").is_file():
+        return load_tokenizer(path, EXAMPLE)
+    if not ((path / "vocab.json").is_file() and (path / "merges.txt").is_file()):
+        raise FileNotFoundError(
+            f"{path} has no tokenizer (tokenizer.json, or vocab.json and merges.txt): copy "
+            f"tokenizer_config.json, vocab.json and merges.txt from {EXAMPLE}"
+        )
+    from transformers import Qwen2Tokenizer
 
-        if not (path / "merges.txt").is_file():
-            raise FileNotFoundError(
-                f"{path} has vocab.json but no merges.txt: copy both from {EXAMPLE}"
-            )
-        return Qwen2Tokenizer.from_pretrained(path)
-    return load_tokenizer(path, EXAMPLE)
+    return Qwen2Tokenizer.from_pretrained(path)
 
 
 def load_dream(

@@ -69,7 +69,7 @@ def checkpoint_dir(name_or_path: str | Path) -> Path:
         return path
     return HubOptions().snapshot(
         str(name_or_path),
-        allow_patterns=["*.json", "*.safetensors", "tokenizer*", "vocab.json", "merges.txt"],
+        allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "merges.txt"],
     )
 
 
