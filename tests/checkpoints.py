@@ -1,4 +1,4 @@
-"""Tiny random checkpoints in the official layouts of each family, written for tests (no downloads)."""
+"""Tiny random checkpoints in the official layout of each family, for tests (no downloads)."""
 
 from __future__ import annotations
 

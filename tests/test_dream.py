@@ -258,6 +258,8 @@ def test_missing_files_and_bad_configs_are_named(tmp_path):
         ({"num_attention_heads": 0}, "num_attention_heads=0"),
         ({"num_key_value_heads": 3}, "divisible"),
         ({"mask_token_id": 24}, "mask_token_id=24"),
+        ({"rope_theta": "1e6"}, "rope_theta > 0"),
+        ({"rms_norm_eps": float("nan")}, "rms_norm_eps in"),
     ]:
         (path / "config.json").write_text(json.dumps({**config, **bad}))
         with pytest.raises(ValueError, match=message):
