@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from hub_sae.models import family, load_base_model
 from hub_sae.models.dream import DreamConfig, load_dream, load_dream_model
 from hub_sae.models.native import INDEX_FILE, rope_cos_sin
 from hub_sae.training.plan import model_shape
-from tests.checkpoints import DREAM_WORDS, write_tiny_dream
+from tests.checkpoints import DREAM_WORDS, edit_shard, write_tiny_dream
 from tests.conftest import ROOT
 
 
@@ -212,27 +212,19 @@ def test_single_file_and_tied_embeddings(tmp_path):
     )
 
 
-def _edit_shard(path: Path, name: str, edit) -> str:
-    shard = path / json.loads((path / INDEX_FILE).read_text())["weight_map"][name]
-    tensors = load_file(shard)
-    edit(tensors)
-    save_file(tensors, shard, metadata={"format": "pt"})
-    return shard.name
-
-
 def test_loader_errors_name_the_tensor_and_the_file(tmp_path):
     name = "model.layers.1.self_attn.k_proj.bias"
     path = write_tiny_dream(tmp_path / "missing")
-    shard = _edit_shard(path, name, lambda t: t.pop(name))
+    shard = edit_shard(path, name, lambda t: t.pop(name))
     with pytest.raises(ValueError, match=rf"{name} \[16\]: not in {shard}"):
         load_dream_model(path)
     path = write_tiny_dream(tmp_path / "shape")
-    shard = _edit_shard(path, name, lambda t: t.update({name: t[name][:-1]}))
+    shard = edit_shard(path, name, lambda t: t.update({name: t[name][:-1]}))
     with pytest.raises(ValueError, match=rf"{name} in {shard} has shape \[15\].*\[16\]"):
         load_dream_model(path)
     path = write_tiny_dream(tmp_path / "extra")
     extra = "model.layers.0.mlp.gate_proj.bias"
-    shard = _edit_shard(path, name, lambda t: t.update({extra: torch.zeros(64)}))
+    shard = edit_shard(path, name, lambda t: t.update({extra: torch.zeros(64)}))
     with pytest.raises(ValueError, match=rf"{shard} holds {extra}, which Dream has no parameter"):
         load_dream_model(path)
 
