@@ -229,6 +229,24 @@ def test_loader_errors_name_the_tensor_and_the_file(tmp_path):
         load_dream_model(path)
 
 
+def test_shards_may_be_links_but_must_sit_in_the_folder(tmp_path):
+    path = write_tiny_dream(tmp_path / "d")
+    snapshot = tmp_path / "snapshot"  # a hub cache links every file of a snapshot to a blob
+    snapshot.mkdir()
+    for file in path.iterdir():
+        (snapshot / file.name).symlink_to(file)
+    assert load_dream_model(snapshot).config.num_hidden_layers == 3
+    index = json.loads((path / INDEX_FILE).read_text())
+    index["weight_map"]["lm_head.weight"] = "gone.safetensors"
+    (path / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(FileNotFoundError, match="names gone.safetensors, which is missing"):
+        load_dream_model(path)
+    index["weight_map"]["lm_head.weight"] = "../outside.safetensors"
+    (path / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="weight_map of tensor name -> shard file"):
+        load_dream_model(path)
+
+
 def test_missing_files_and_bad_configs_are_named(tmp_path):
     path = write_tiny_dream(tmp_path / "d")
     (path / "tokenizer.json").unlink()
