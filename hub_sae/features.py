@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -27,7 +27,9 @@ from hub_sae.data import DataConfig
 from hub_sae.io import write_atomic
 from hub_sae.masking import Corruption
 from hub_sae.models import BaseModel
-from hub_sae.sae import TopKSAE
+
+if TYPE_CHECKING:  # sae.py loads through formats.py, which reads suites: no import back
+    from hub_sae.sae import TopKSAE
 
 FEATURES_FILE = "features.safetensors"
 

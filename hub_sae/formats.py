@@ -18,6 +18,8 @@ dictionary_learning dict_class other than AutoEncoderTopK.
 
 Every folder is found by its small JSON file first; only the chosen SAE's weights are downloaded,
 and their names and shapes are checked in the safetensors header before anything is allocated.
+Readers return an `SAEState` (checked settings and weights); `TopKSAE.from_pretrained` builds the
+module, so this file never imports sae.py.
 """
 
 from __future__ import annotations
@@ -26,13 +28,13 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from hub_sae.io import HubOptions, inside, is_int, local_path
-from hub_sae.sae import TopKSAE
 from hub_sae.suite import SUITE_FILE, read_suite
 
 WEIGHTS = {
@@ -51,6 +53,15 @@ BLOCK_OUTPUT = re.compile(r"(?:.*\.)?(?:layers|layer|blocks|h)\.\d+(?:\.hook_res
 
 class SAELoadError(ValueError):
     """An SAE could not be found or read; the message says which file and what was expected."""
+
+
+class SAEState(NamedTuple):
+    """An SAE read from any layout and checked: what `TopKSAE.from_pretrained` builds."""
+
+    kwargs: dict
+    """TopKSAE keyword arguments (`sae_kwargs`)."""
+    state: dict[str, Tensor]
+    """TopKSAE's state dict, float32, finite, of the shapes `kwargs` implies."""
 
 
 @dataclass(frozen=True)
@@ -253,8 +264,8 @@ def load_sae(
     *,
     subfolder: str | None = None,
     hub: HubOptions | None = None,
-) -> TopKSAE:
-    """Find the SAE of `layer` / `k` in a folder or hub repo (any layout) and read it."""
+) -> SAEState:
+    """Find the SAE of `layer` / `k` in a folder or hub repo (any layout) and read it, checked."""
     root, snapshot = _metadata_root(repo_id_or_path, subfolder, hub)
     chosen = select(scan(root), root, layer, k)
     weights = chosen.folder / WEIGHTS[chosen.layout]
@@ -321,28 +332,24 @@ def _shapes(kwargs: dict) -> dict[str, tuple[int, ...]]:
     }
 
 
-def _build(kwargs: dict, state: dict[str, Tensor], path: Path) -> TopKSAE:
-    """A TopKSAE holding `state` (float32), refusing non-finite weights; nothing is initialised."""
+def _build(kwargs: dict, state: dict[str, Tensor], path: Path) -> SAEState:
+    """`state` as float32 TopKSAE weights, refusing non-finite ones."""
     for name, tensor in state.items():
         if not torch.isfinite(tensor).all():
             raise SAELoadError(
                 f"{path}: tensor {name} holds NaN or Inf values; this SAE diverged or the file is "
                 "damaged. Use another checkpoint or re-download it."
             )
-    with torch.device("meta"):  # shapes were checked: no need to allocate and initialise twice
-        sae = TopKSAE(**kwargs)
-    state = {name: t.to(torch.float32).contiguous() for name, t in state.items()}
-    sae.load_state_dict(state, strict=True, assign=True)
-    return sae.eval()
+    return SAEState(kwargs, {name: t.to(torch.float32).contiguous() for name, t in state.items()})
 
 
-def read_hub_sae(found: SAEFolder, weights: Path) -> TopKSAE:
+def read_hub_sae(found: SAEFolder, weights: Path) -> SAEState:
     """Our own layout: TopKSAE's config.json and state dict as saved."""
     kwargs = sae_kwargs(found.config, found.folder / "config.json")
     return _build(kwargs, _read_safetensors(weights, _shapes(kwargs)), weights)
 
 
-def read_dictionary_learning(found: SAEFolder, weights: Path) -> TopKSAE:
+def read_dictionary_learning(found: SAEFolder, weights: Path) -> SAEState:
     """dictionary_learning's AutoEncoderTopK (DLM-Scope's releases): its decoder transposed."""
     config_path = found.folder / "config.json"
     trainer, buffer = found.config["trainer"], found.config.get("buffer") or {}
@@ -391,7 +398,7 @@ def read_dictionary_learning(found: SAEFolder, weights: Path) -> TopKSAE:
     return _build(kwargs, converted, weights)
 
 
-def read_sparsify(found: SAEFolder, weights: Path) -> TopKSAE:
+def read_sparsify(found: SAEFolder, weights: Path) -> SAEState:
     """sparsify's SparseCoder: the same tensor names as ours; the model from the run's config."""
     cfg, config_path = found.config, found.folder / "cfg.json"
     if cfg.get("activation", "topk") != "topk":
@@ -419,7 +426,7 @@ def read_sparsify(found: SAEFolder, weights: Path) -> TopKSAE:
     return _build(kwargs, _read_safetensors(weights, _shapes(kwargs)), weights)
 
 
-def read_saelens(found: SAEFolder, weights: Path) -> TopKSAE:
+def read_saelens(found: SAEFolder, weights: Path) -> SAEState:
     """SAELens' TopK SAE, with its input-bias and decoder-norm options folded in exactly."""
     cfg, config_path = found.config, found.folder / "cfg.json"
     arch = cfg.get("architecture")

@@ -424,7 +424,11 @@ class TopKSAE(
         from hub_sae.io import HubOptions
 
         hub = HubOptions(revision, cache_dir, token, local_files_only)
-        return load_sae(repo_id_or_path, layer, k, subfolder=subfolder, hub=hub).to(device)
+        loaded = load_sae(repo_id_or_path, layer, k, subfolder=subfolder, hub=hub)
+        with torch.device("meta"):  # shapes were checked: no need to allocate and initialise twice
+            sae = cls(**loaded.kwargs)
+        sae.load_state_dict(loaded.state, strict=True, assign=True)
+        return sae.eval().to(device)
 
     @classmethod
     def load_suite(

@@ -1,3 +1,7 @@
+import ast
+import graphlib
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -185,3 +189,37 @@ def test_unknown_weight_grad_path_is_named(sae, monkeypatch):
     monkeypatch.setitem(weight_grad_path, "cpu", "dense")
     with pytest.raises(ValueError, match="weight_grad_path must be one of"):
         sae(torch.randn(8, 32)).fvu.backward()
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """The hub_sae modules a file imports anywhere (function-level too), except under
+    TYPE_CHECKING and except a package's own submodules (its re-exports and lazy dispatch)."""
+    modules = set()
+    stack = list(ast.parse(path.read_text()).body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING"):
+            stack.extend(node.orelse)
+            continue
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hub_sae"):
+            modules |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+        elif isinstance(node, ast.Import):
+            modules |= {a.name for a in node.names if a.name.startswith("hub_sae")}
+        stack.extend(ast.iter_child_nodes(node))
+    return {m for m in modules if m != package and not m.startswith(f"{package}.")}
+
+
+def test_hub_sae_imports_form_no_circle():
+    """No module needs, even lazily, a module that needs it back (issue 20: sae -> formats ->
+    suite -> features -> sae); graphlib names the circle if there is one."""
+    root = Path(hub_sae.sae.__file__).parent
+    files = {
+        ".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in root.rglob("*.py")
+    }
+    graph = {
+        name: {m for m in _imports(path, name) if m in files} - {name}
+        for name, path in files.items()
+    }
+    assert "hub_sae.formats" in graph["hub_sae.sae"]  # the scan sees lazy imports
+    list(graphlib.TopologicalSorter(graph).static_order())  # a CycleError names the circle
