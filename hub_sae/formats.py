@@ -80,7 +80,11 @@ def _read_json(path: Path) -> dict:
     """A JSON object from `path`, or an SAELoadError naming the file."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except RecursionError:
+        raise SAELoadError(
+            f"{path} is nested too deeply to read; it is no SAE config. Re-download or re-save it."
+        ) from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: JSON, or int digits
         raise SAELoadError(f"Could not read {path}: {e}. Re-download or re-save this file.") from e
     if not isinstance(data, dict):
         raise SAELoadError(
@@ -125,6 +129,26 @@ def sae_kwargs(raw: dict, path: Path) -> dict:
     return {key: raw[key] for key in keys if raw.get(key) is not None}
 
 
+def _flag(cfg: dict, key: str, default: bool, path: Path) -> bool:
+    """A true/false setting; anything but a JSON boolean (the string "false" too) is refused."""
+    value = cfg.get(key, default)
+    if not isinstance(value, bool):
+        raise SAELoadError(
+            f"{path}: {key} must be true or false (a JSON boolean), got {value!r}. Fix the file."
+        )
+    return value
+
+
+def _object(cfg: dict, key: str, path: Path) -> dict:
+    """The JSON object under `key` ({} when absent), or an SAELoadError naming file and key."""
+    value = cfg.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SAELoadError(f"{path}: {key} must be a JSON object, got {value!r}. Fix the file.")
+    return value
+
+
 def _refuse(path: Path, flag: str, value, why: str) -> SAELoadError:
     """The error for a setting in `path` that changes the math in a way hub-sae does not run."""
     return SAELoadError(
@@ -144,7 +168,14 @@ def _classify(path: Path) -> SAEFolder | None:
         layer = trainer.get("layer", layer_from_hookpoint(folder.parent.name))
         found = SAEFolder("dictionary_learning", folder, layer, trainer.get("k"), cfg)
     elif path.name == "cfg.json" and ({"hook_name", "architecture", "metadata"} & cfg.keys()):
+        _object(cfg, "metadata", path)
+        _object(cfg, "activation_fn_kwargs", path)
         hook_name = _saelens_field(cfg, "hook_name")
+        if hook_name is not None and not isinstance(hook_name, str):
+            raise SAELoadError(
+                f"{path}: hook_name must be a string such as 'blocks.3.hook_resid_post', got "
+                f"{hook_name!r}. Fix the file."
+            )
         layer = cfg.get("hook_layer", layer_from_hookpoint(str(hook_name or "")))
         found = SAEFolder("saelens", folder, layer, _saelens_k(cfg), cfg)
     elif path.name == "cfg.json" and ("num_latents" in cfg or "expansion_factor" in cfg):
@@ -311,12 +342,24 @@ def _check_shapes(
             )
 
 
+def _floats(path: Path, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`state` if every tensor is floating point; an integer or bool one is refused, not cast."""
+    for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            raise SAELoadError(
+                f"{path}: tensor {name} has dtype {tensor.dtype}; SAE weights are floats "
+                "(float32, bfloat16, float16 or float64). The file is damaged or holds no SAE; "
+                "re-download or re-save it."
+            )
+    return state
+
+
 def _read_safetensors(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
-    """The expected tensors of `path`, read once its header matched `expected`."""
+    """The expected tensors of `path`, read once its header matched `expected`, all floats."""
     _check_shapes(path, _shapes_in_header(path), expected)
     try:
         with safe_open(path, framework="pt") as f:
-            return {name: f.get_tensor(name) for name in expected}
+            return _floats(path, {name: f.get_tensor(name) for name in expected})
     except (SafetensorError, OSError) as e:
         raise SAELoadError(f"Could not read {path}: {e}. Re-download it.") from e
 
@@ -333,14 +376,15 @@ def _shapes(kwargs: dict) -> dict[str, tuple[int, ...]]:
 
 
 def _build(kwargs: dict, state: dict[str, Tensor], path: Path) -> SAEState:
-    """`state` as float32 TopKSAE weights, refusing non-finite ones."""
+    """`state` as float32 TopKSAE weights, refusing non-finite ones (float64 beyond float32 too)."""
+    state = {name: t.to(torch.float32).contiguous() for name, t in state.items()}
     for name, tensor in state.items():
         if not torch.isfinite(tensor).all():
             raise SAELoadError(
-                f"{path}: tensor {name} holds NaN or Inf values; this SAE diverged or the file is "
-                "damaged. Use another checkpoint or re-download it."
+                f"{path}: tensor {name} holds NaN or Inf values (in float32); this SAE diverged or "
+                "the file is damaged. Use another checkpoint or re-download it."
             )
-    return SAEState(kwargs, {name: t.to(torch.float32).contiguous() for name, t in state.items()})
+    return SAEState(kwargs, state)
 
 
 def read_hub_sae(found: SAEFolder, weights: Path) -> SAEState:
@@ -352,7 +396,7 @@ def read_hub_sae(found: SAEFolder, weights: Path) -> SAEState:
 def read_dictionary_learning(found: SAEFolder, weights: Path) -> SAEState:
     """dictionary_learning's AutoEncoderTopK (DLM-Scope's releases): its decoder transposed."""
     config_path = found.folder / "config.json"
-    trainer, buffer = found.config["trainer"], found.config.get("buffer") or {}
+    trainer, buffer = found.config["trainer"], _object(found.config, "buffer", config_path)
     flag = "dict_class" if "dict_class" in trainer else "trainer_class"
     if trainer.get(flag) not in (None, "AutoEncoderTopK", "TopKTrainer"):
         why = "BatchTopK and others encode with a threshold, not per-token top k"
@@ -389,6 +433,7 @@ def read_dictionary_learning(found: SAEFolder, weights: Path) -> SAEState:
     )
     if "k" in state and int(state["k"]) != k:
         raise SAELoadError(f"{weights} stores k={int(state['k'])} but its config.json says k={k}.")
+    _floats(weights, {name: state[name] for name in expected})
     converted = {
         "encoder.weight": state["encoder.weight"],
         "encoder.bias": state["encoder.bias"],
@@ -404,12 +449,15 @@ def read_sparsify(found: SAEFolder, weights: Path) -> SAEState:
     if cfg.get("activation", "topk") != "topk":
         raise _refuse(config_path, "activation", cfg["activation"], "group-max latents")
     for flag in ("skip_connection", "transcode"):
-        if cfg.get(flag):
+        if _flag(cfg, flag, False, config_path):
             raise _refuse(config_path, flag, cfg[flag], "not an autoencoder of its input")
-    d_in = cfg.get("d_in")
-    d_sae = cfg.get("num_latents") or (
-        cfg.get("expansion_factor", 32) * d_in if is_int(d_in) else None
-    )
+    d_in, factor = cfg.get("d_in"), cfg.get("expansion_factor", 32)
+    if not cfg.get("num_latents") and not (is_int(factor) and factor > 0):
+        raise SAELoadError(
+            f"{config_path}: expansion_factor must be a positive integer (or num_latents set), "
+            f"got {factor!r}. Fix the file."
+        )
+    d_sae = cfg.get("num_latents") or (factor * d_in if is_int(d_in) else None)
     run_config = found.folder.parent / "config.json"  # the run's TrainConfig, when there is one
     model = _read_json(run_config).get("model") if run_config.is_file() else None
     kwargs = sae_kwargs(
@@ -464,10 +512,10 @@ def read_saelens(found: SAEFolder, weights: Path) -> SAEState:
     )
     w = {name: t.to(torch.float32) for name, t in w.items()}
     W_enc, b_enc, W_dec = w["W_enc"], w["b_enc"], w["W_dec"]
-    if not cfg.get("apply_b_dec_to_input", True):
+    if not _flag(cfg, "apply_b_dec_to_input", True, config_path):
         # W_enc x + b_enc == W_enc (x - b_dec) + (b_enc + b_dec W_enc)
         b_enc = b_enc + w["b_dec"] @ W_enc
-    if cfg.get("rescale_acts_by_decoder_norm"):
+    if _flag(cfg, "rescale_acts_by_decoder_norm", False, config_path):
         # SAELens scales the pre-activations by ||W_dec row|| and divides the latents by it before
         # decoding: the same as an encoder scaled by the norms and a unit-norm decoder.
         norms = W_dec.norm(dim=1).clamp_min(1e-8)

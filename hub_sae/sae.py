@@ -306,8 +306,19 @@ class TopKSAE(
         """The dtype of the parameters; inputs are cast to it."""
         return self.b_dec.dtype
 
+    def _check_width(self, x: Tensor) -> None:
+        """A ValueError naming d_in unless `x`'s last dimension is d_in."""
+        if x.dim() == 0 or x.shape[-1] != self.d_in:
+            width = x.shape[-1] if x.dim() else "a scalar"
+            raise ValueError(
+                f"expected last dim d_in={self.d_in}, got {width} (input shape {tuple(x.shape)}); "
+                f"pass the {self.hookpoint} activations of the model this SAE was trained on "
+                f"({self.base_model or 'see its config'})."
+            )
+
     def encode(self, x: Tensor) -> EncoderOutput:
         """The k active latents of each row of `x` ([..., d_in])."""
+        self._check_width(x)
         top_acts, top_indices, _, _ = _TopKEncoder.apply(
             x.reshape(-1, self.d_in).to(self.dtype),
             self.b_dec,
@@ -330,6 +341,12 @@ class TopKSAE(
         self, x: Tensor, dead_mask: Tensor | None = None, k_aux: int | None = None
     ) -> ForwardOutput:
         """Encode, decode and score a batch `x` [N, d_in]; AuxK over the `dead_mask` latents."""
+        self._check_width(x)
+        if x.dim() != 2:
+            raise ValueError(
+                f"forward takes [N, d_in={self.d_in}], got shape {tuple(x.shape)}; flatten the "
+                f"tokens first: x.reshape(-1, {self.d_in})."
+            )
         x = x.to(self.dtype)
         dead = None if dead_mask is None else dead_mask.nonzero().squeeze(-1)
         if dead is not None:

@@ -211,7 +211,11 @@ def read_suite(root: str | Path) -> SuiteInfo:
         )
     try:
         data = json.loads(inside(root, SUITE_FILE).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except RecursionError:
+        raise SuiteError(
+            f"{path} is nested too deeply to read; restore it or train the suite again."
+        ) from None
+    except (UnicodeDecodeError, ValueError) as e:  # ValueError: JSON, or an int's digits
         raise SuiteError(
             f"{path} is not valid JSON ({e}); restore it or train the suite again."
         ) from None

@@ -223,3 +223,17 @@ def test_hub_sae_imports_form_no_circle():
     }
     assert "hub_sae.formats" in graph["hub_sae.sae"]  # the scan sees lazy imports
     list(graphlib.TopologicalSorter(graph).static_order())  # a CycleError names the circle
+
+
+@pytest.mark.parametrize("shape", [(7, 31), (7, 64), (2, 3, 33), (31,)])
+def test_input_of_the_wrong_width_names_d_in(sae, shape):
+    x = torch.randn(shape)
+    with pytest.raises(ValueError, match=rf"expected last dim d_in=32, got {shape[-1]}"):
+        sae.encode(x)
+    with pytest.raises(ValueError, match=rf"expected last dim d_in=32, got {shape[-1]}"):
+        sae(x)
+
+
+def test_forward_takes_one_row_per_token(sae):
+    with pytest.raises(ValueError, match=r"forward takes \[N, d_in=32\].*reshape\(-1, 32\)"):
+        sae(torch.randn(2, 5, 32))
