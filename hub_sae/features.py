@@ -68,7 +68,7 @@ def collect_features(
     `saes` maps any key (e.g. (layer, k)) to an SAE taking raw activations of block `sae.layer`;
     all layers are read from one forward per batch. `progress` shows a tqdm bar over the positions.
     """
-    layers = sorted({sae.layer for sae in saes.values()})
+    layers = sorted({sae.require_resid_post("collect_features").layer for sae in saes.values()})
     d = {key: sae.d_sae for key, sae in saes.items()}
     counts = {key: torch.zeros(d[key]) for key in saes}
     values = {key: torch.zeros(d[key], n_top) for key in saes}

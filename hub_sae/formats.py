@@ -49,6 +49,8 @@ METADATA_PATTERNS = ["suite.json", "*config.json", "*cfg.json"]
 LAYER_IN_NAME = re.compile(r"(?:^|[._])(?:layers|layer|blocks|h)[._](\d+)(?=$|[._])")
 # The output of a whole block (the residual stream after it), in sparsify's and SAELens' naming.
 BLOCK_OUTPUT = re.compile(r"(?:.*\.)?(?:layers|layer|blocks|h)\.\d+(?:\.hook_resid_post)?")
+# SAELens' (TransformerLens') input of block N: the output of block N - 1 when N > 0.
+BLOCK_INPUT = re.compile(r"(?:.*\.)?blocks\.(\d+)\.hook_resid_pre")
 
 
 class SAELoadError(ValueError):
@@ -74,6 +76,8 @@ class SAEFolder:
     layer: int | None
     k: int | None
     config: dict
+    hookpoint: str = "resid_post"
+    """Where the SAE reads (`hookpoint`): "resid_post" of `layer`, or the library's hook name."""
 
 
 def _read_json(path: Path) -> dict:
@@ -100,9 +104,17 @@ def layer_from_hookpoint(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _hookpoint(name: str | None) -> str:
-    """Our hookpoint for a library's hook name: "resid_post" for a whole block's output."""
-    return "resid_post" if not name or BLOCK_OUTPUT.fullmatch(name) else name
+def _hookpoint(name: str | None, layer: int | None) -> tuple[int | None, str]:
+    """(layer, hookpoint) for a library's hook `name` at `layer`.
+
+    A whole block's output is "resid_post" of that block and the input of block N > 0 is
+    "resid_post" of block N - 1; anything else (an MLP's output, the embedding output) keeps its
+    name and layer, and `TopKSAE.require_resid_post` refuses it where the residual stream is used.
+    """
+    block_input = BLOCK_INPUT.fullmatch(name or "")
+    if block_input and int(block_input.group(1)) > 0:
+        return int(block_input.group(1)) - 1, "resid_post"
+    return layer, "resid_post" if not name or BLOCK_OUTPUT.fullmatch(name) else name
 
 
 def sae_kwargs(raw: dict, path: Path) -> dict:
@@ -176,10 +188,12 @@ def _classify(path: Path) -> SAEFolder | None:
                 f"{path}: hook_name must be a string such as 'blocks.3.hook_resid_post', got "
                 f"{hook_name!r}. Fix the file."
             )
-        layer = cfg.get("hook_layer", layer_from_hookpoint(str(hook_name or "")))
-        found = SAEFolder("saelens", folder, layer, _saelens_k(cfg), cfg)
+        layer = cfg.get("hook_layer", layer_from_hookpoint(hook_name or ""))
+        layer, hookpoint = _hookpoint(hook_name, layer)
+        found = SAEFolder("saelens", folder, layer, _saelens_k(cfg), cfg, hookpoint)
     elif path.name == "cfg.json" and ("num_latents" in cfg or "expansion_factor" in cfg):
-        found = SAEFolder("sparsify", folder, layer_from_hookpoint(folder.name), cfg.get("k"), cfg)
+        layer, hookpoint = _hookpoint(folder.name, layer_from_hookpoint(folder.name))
+        found = SAEFolder("sparsify", folder, layer, cfg.get("k"), cfg, hookpoint)
     else:
         return None
     for name, value in (("layer", found.layer), ("k", found.k)):
@@ -466,7 +480,7 @@ def read_sparsify(found: SAEFolder, weights: Path) -> SAEState:
             d_sae=d_sae,
             k=cfg.get("k"),
             layer=found.layer,
-            hookpoint=_hookpoint(found.folder.name),
+            hookpoint=found.hookpoint,
             base_model=model if isinstance(model, str) else None,
         ),
         config_path,
@@ -492,14 +506,13 @@ def read_saelens(found: SAEFolder, weights: Path) -> SAEState:
     for flag in ("hook_head_index", "finetuning_scaling_factor"):
         if _saelens_field(cfg, flag) not in (None, False):
             raise _refuse(config_path, flag, _saelens_field(cfg, flag), "not a plain TopK SAE")
-    hook_name = _saelens_field(cfg, "hook_name")
     kwargs = sae_kwargs(
         dict(
             d_in=cfg.get("d_in"),
             d_sae=cfg.get("d_sae"),
             k=found.k,
             layer=found.layer,
-            hookpoint=_hookpoint(hook_name),
+            hookpoint=found.hookpoint,
             base_model=_saelens_field(cfg, "model_name"),
             policy=_saelens_field(cfg, "policy"),
         ),

@@ -306,6 +306,20 @@ class TopKSAE(
         """The dtype of the parameters; inputs are cast to it."""
         return self.b_dec.dtype
 
+    def require_resid_post(self, use: str) -> TopKSAE:
+        """This SAE if it reads a block's output (`resid_post` of a known layer), else a ValueError
+        naming its hookpoint, `use` and the fix. Call it wherever an SAE meets the residual stream."""
+        if self.hookpoint == "resid_post" and self.layer is not None:
+            return self
+        block = "no block (its layer is unset)" if self.layer is None else f"block {self.layer}"
+        raise ValueError(
+            f"{use} applies SAEs to the residual stream after a block (resid_post), but this SAE "
+            f"reads {self.hookpoint!r} of {block}: its latents would be read from and written to "
+            "the wrong activations. Use an SAE trained on a block's output: hookpoint 'resid_post' "
+            "with its layer set (sparsify `layers.N`, SAELens `blocks.N.hook_resid_post` or "
+            "`blocks.N+1.hook_resid_pre`)."
+        )
+
     def _check_width(self, x: Tensor) -> None:
         """A ValueError naming d_in unless `x`'s last dimension is d_in."""
         if x.dim() == 0 or x.shape[-1] != self.d_in:

@@ -195,6 +195,8 @@ class Explorer:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
+        for sae in self.saes.values():
+            sae.require_resid_post("The Space")
         self.analyse = lru_cache(maxsize=CACHE_SIZE)(self._analyse)
         self.decode = lru_cache(maxsize=CACHE_SIZE)(self._decode)
         self.head = unembed(self.base)

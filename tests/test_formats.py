@@ -10,7 +10,11 @@ import torch
 from safetensors.torch import save_file
 
 from hub_sae import TopKSAE
+from hub_sae.data import DataConfig
+from hub_sae.evaluate import evaluate_suite
+from hub_sae.features import collect_features
 from hub_sae.formats import SAELoadError, layer_from_hookpoint
+from hub_sae.masking import Corruption
 from hub_sae.suite import SuiteInfo, save_suite
 
 D_IN, D_SAE, K = 24, 96, 5
@@ -683,3 +687,47 @@ def test_unreadable_json_names_the_file(tmp_path, text, message):
     (tmp_path / "cfg.json").write_text(text)
     with pytest.raises(SAELoadError, match=rf"cfg\.json.*{message}"):
         TopKSAE.from_pretrained(tmp_path)
+
+
+# --- Hookpoints: what maps exactly onto a block's output is mapped; the rest is refused in use ---
+
+
+@pytest.mark.parametrize(
+    "hook, layer, hookpoint",
+    [
+        ("blocks.3.hook_resid_post", 3, "resid_post"),
+        ("blocks.3.hook_resid_pre", 2, "resid_post"),  # the input of block 3 = output of block 2
+        ("blocks.0.hook_resid_pre", 0, "blocks.0.hook_resid_pre"),  # the embedding output
+        ("blocks.3.hook_mlp_out", 3, "blocks.3.hook_mlp_out"),
+        ("blocks.3.hook_resid_mid", 3, "blocks.3.hook_resid_mid"),
+    ],
+)
+@pytest.mark.parametrize("hook_layer", [False, True])
+def test_saelens_hook_maps_to_a_block_output_or_keeps_its_name(
+    tmp_path, hook, layer, hookpoint, hook_layer
+):
+    """SAELens before 6 also writes hook_layer (the block of the hook: 3 for resid_pre of 3)."""
+    extra = {"hook_layer": layer_from_hookpoint(hook)} if hook_layer else {}
+    saelens_folder(tmp_path, metadata={"hook_name": hook}, **extra)
+    sae = TopKSAE.from_pretrained(tmp_path, layer=layer)
+    assert (sae.layer, sae.hookpoint) == (layer, hookpoint)
+    assert_same_math(sae, raw_weights(6))
+    if hookpoint == "resid_post":
+        assert sae.require_resid_post("The test") is sae
+    else:
+        with pytest.raises(ValueError, match=rf"The test .* reads {re.escape(repr(hook))}"):
+            sae.require_resid_post("The test")
+
+
+def test_sparsify_mlp_sae_is_refused_on_the_residual_stream(tmp_path):
+    sparsify_folder(tmp_path / "layers.4.mlp")
+    sae = TopKSAE.from_pretrained(tmp_path)
+    assert (sae.layer, sae.hookpoint) == (4, "layers.4.mlp")
+    with pytest.raises(
+        ValueError,
+        match=r"SAE-spliced evaluation applies SAEs to the residual stream after a block "
+        r"\(resid_post\), but this SAE reads 'layers\.4\.mlp' of block 4.*hookpoint 'resid_post'",
+    ):
+        evaluate_suite(None, {(4, K): sae}, "mask", Corruption(), DataConfig(), 16)
+    with pytest.raises(ValueError, match=r"collect_features applies .* reads 'layers\.4\.mlp'"):
+        collect_features(None, {(4, K): sae}, "mask", Corruption(), DataConfig(), 16)

@@ -237,3 +237,20 @@ def test_input_of_the_wrong_width_names_d_in(sae, shape):
 def test_forward_takes_one_row_per_token(sae):
     with pytest.raises(ValueError, match=r"forward takes \[N, d_in=32\].*reshape\(-1, 32\)"):
         sae(torch.randn(2, 5, 32))
+
+
+@pytest.mark.parametrize(
+    "layer, hookpoint, problem",
+    [
+        (3, "layers.3.mlp", "reads 'layers.3.mlp' of block 3"),
+        (0, "blocks.0.hook_resid_pre", "reads 'blocks.0.hook_resid_pre' of block 0"),
+        (None, "resid_post", "reads 'resid_post' of no block (its layer is unset)"),
+    ],
+)
+def test_require_resid_post_names_hookpoint_use_and_fix(layer, hookpoint, problem):
+    assert TopKSAE(8, 32, 4, layer=2).require_resid_post("Steer").layer == 2
+    sae = TopKSAE(8, 32, 4, layer=layer, hookpoint=hookpoint)
+    with pytest.raises(ValueError, match=r"Steer applies SAEs to the residual stream") as error:
+        sae.require_resid_post("Steer")
+    assert problem in str(error.value)
+    assert "Use an SAE trained on a block's output" in str(error.value)

@@ -138,6 +138,13 @@ def test_prompt_too_long_is_a_gradio_error(explorer):
         app.analyse(explorer, "word " * 300, 3, 0.0, 0)
 
 
+def test_an_sae_hooked_elsewhere_than_a_block_output_is_refused(explorer):
+    """A sparsify `layers.3.mlp` SAE would be applied to the residual stream after block 3."""
+    mlp = TopKSAE(explorer.base.d_model, 64, 4, layer=3, hookpoint="layers.3.mlp")
+    with pytest.raises(ValueError, match=r"The Space applies SAEs to the residual stream .*mlp"):
+        dataclasses.replace(explorer, saes={**explorer.saes, 3: mlp})
+
+
 def test_bad_inputs_are_clear_errors(explorer):
     with pytest.raises(gr.Error, match=r"Type \[MASK\]"):
         app.analyse(explorer, "No mask in this prompt.", 3, 0.0, 0)
