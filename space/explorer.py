@@ -37,6 +37,8 @@ LLADA_SUITE = "AwesomeInterpretability/llada-mask-topk-sae"
 CHECKPOINTS = "checkpoints"
 """The trainer's folder for checkpoints under its output folder: not a suite."""
 MAX_TOKENS = 256
+CHARS_PER_TOKEN = 32
+"""Prompts longer than MAX_TOKENS * CHARS_PER_TOKEN characters are refused before tokenising."""
 CACHE_SIZE = 32
 SEED_MAX = 2**32 - 1
 
@@ -235,6 +237,10 @@ class Explorer:
         return sorted(self.saes)
 
     @property
+    def max_chars(self) -> int:
+        return self.max_tokens * CHARS_PER_TOKEN
+
+    @property
     def mask_text(self) -> str:
         return self.base.tokenizer.convert_ids_to_tokens(self.base.mask_token_id)
 
@@ -251,6 +257,11 @@ class Explorer:
         """Token ids (BOS first) and the display text of each, leading whitespace included."""
         if not text.strip():
             raise InputError(f"Write a prompt first (type {self.mask_text} for masked positions).")
+        if len(text) > self.max_chars:  # a 10 MB prompt took 9 s and 2 GB to tokenise
+            raise InputError(
+                f"The prompt is {len(text):,} characters long; this Space reads at most "
+                f"{self.max_chars:,} characters ({self.max_tokens} tokens). Shorten it."
+            )
         enc = self.base.tokenizer(text, return_offsets_mapping=True)
         ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
         if not ids or ids[0] != self.base.bos_token_id:

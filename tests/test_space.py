@@ -138,6 +138,12 @@ def test_prompt_too_long_is_a_gradio_error(explorer):
         app.analyse(explorer, "word " * 300, 3, 0.0, 0)
 
 
+def test_a_huge_prompt_is_refused_before_tokenising(explorer):
+    """A 10 MB prompt took 9.3 s and 2.2 GB in the tokenizer before its length was checked."""
+    with pytest.raises(gr.Error, match=r"1,000,000 characters long; .* at most 8,192 characters"):
+        app.analyse(explorer, "[MASK] " * 142_857 + "x", 3, 0.0, 0)
+
+
 def test_an_sae_hooked_elsewhere_than_a_block_output_is_refused(explorer):
     """A sparsify `layers.3.mlp` SAE would be applied to the residual stream after block 3."""
     mlp = TopKSAE(explorer.base.d_model, 64, 4, layer=3, hookpoint="layers.3.mlp")
