@@ -40,6 +40,9 @@ MAX_TOKENS = 256
 CHARS_PER_TOKEN = 32
 """Prompts longer than MAX_TOKENS * CHARS_PER_TOKEN characters are refused before tokenising."""
 CACHE_SIZE = 32
+STEER_MAX = 1e4
+"""The largest |steering value|: far above any SAE activation (tens to hundreds), far below
+float32's overflow (1e39 is inf there, 1e300 added turns every logit into NaN)."""
 SEED_MAX = 2**32 - 1
 
 
@@ -435,6 +438,11 @@ class Explorer:
             )
         if not 1 <= int(steps) <= self.max_tokens:
             raise InputError(f"Steps must lie between 1 and {self.max_tokens}; got {steps}.")
+        if not abs(steer.value) <= STEER_MAX:
+            raise InputError(
+                f"The steering value must lie between -{STEER_MAX:,.0f} and {STEER_MAX:,.0f} "
+                f"(SAE activations are far smaller); got {steer.value:g}."
+            )
         layer = self.check_layer(steer.layer)
         for feature in steer.features:
             self.check_feature(layer, feature)

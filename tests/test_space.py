@@ -238,6 +238,15 @@ def test_large_clamp_steers_to_the_features_logit_lens_token(llada):
     assert run.log_likelihood[1] < run.log_likelihood[0]
 
 
+@pytest.mark.parametrize(
+    "value, mode", [(1e39, "clamp"), (-1e39, "add"), (1e300, "add"), (1e4 + 1, "clamp")]
+)
+def test_steering_value_is_bounded(llada, value, mode):
+    """1e39 overflowed float32 and crashed the handler; 1e300 added decoded padding everywhere."""
+    with pytest.raises(gr.Error, match=r"steering value must lie between -10,000 and 10,000"):
+        app.decode(llada, llada_prompt(2), 2, 0.0, 0, 2, 5, value, mode, 1.0, "masked")
+
+
 def test_default_is_the_published_llada_release(llada, tmp_path, monkeypatch):
     """No HUB_SAE_SUITE and no runs/: the DLM-Scope repo, read here from an offline hub cache
     holding a miniature of it (dictionary_learning layout, no suite.json, no features)."""
