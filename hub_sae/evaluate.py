@@ -379,6 +379,8 @@ def evaluate_suite(
     spliced runs.
     """
     check_policy(policy, base.family)
+    for sae in saes.values():
+        sae.require_resid_post("SAE-spliced evaluation")
     base = with_unmasking_head(base)
     layers = sorted({layer for layer, _ in saes})
     moments = {key: _Moments(sae.d_in) for key, sae in saes.items()}

@@ -1,7 +1,6 @@
-"""Hugging Face families on tiny random checkpoints: masked LMs (mlm) and causal LMs (ar), the
-clean-only rule of ar, and the shift (`BaseModel.align`) in every cross entropy."""
+"""Families on tiny random checkpoints: masked LMs (mlm) and causal LMs (ar) through transformers,
+the clean-only rule of ar, and the shift (`BaseModel.align`) in every cross entropy (ar, Dream)."""
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -21,13 +20,21 @@ from hub_sae.evaluate import (
     predictions,
     unmasked_lm_loss,
 )
-from hub_sae.masking import Corruption, check_policy, corrupt
+from hub_sae.masking import CorruptedBatch, Corruption, check_policy, corrupt
 from hub_sae.models import BaseModel, family, load_base_model
 from hub_sae.models.hf import load_hf
 from hub_sae.sae import TopKSAE
 from hub_sae.suite import SuiteInfo, save_suite
 from hub_sae.training.plan import model_shape
-from tests.checkpoints import TINY_LAYERS, write_tiny_bert, write_tiny_modernbert, write_tiny_qwen2
+from tests.checkpoints import (
+    DREAM_SPECIAL,
+    DREAM_WORDS,
+    TINY_LAYERS,
+    write_tiny_bert,
+    write_tiny_dream,
+    write_tiny_modernbert,
+    write_tiny_qwen2,
+)
 
 DATA = DataConfig(split="heldout", ctx_len=32, batch_size=2)
 
@@ -123,32 +130,48 @@ def test_next_token_loss_is_the_causal_lms_own_loss(qwen):
     torch.testing.assert_close(next_token_loss(logits, ids, batch), reference)
 
 
-def test_masked_losses_of_a_shifted_family_score_token_j_with_logits_j_minus_1(qwen):
-    """Dream's convention (a shifted masked DLM), on the tiny Qwen2 given a mask token."""
-    dream_like = dataclasses.replace(qwen, family="dream", mask_token_id=7)
-    ids, attention_mask = text_batch(dream_like)
-    generator = torch.Generator().manual_seed(0)
-    batch = corrupt(ids, attention_mask, 7, "mask", Corruption(t_min=0.3, t_max=0.3), generator)
-    raw = dream_like.run(batch.input_ids, attention_mask)
+@pytest.fixture(scope="module")
+def dream(tmp_path_factory) -> BaseModel:
+    return load_base_model(str(write_tiny_dream(tmp_path_factory.mktemp("dream"))), torch.float32)
+
+
+def dream_batch(dream: BaseModel, p: float) -> tuple[torch.Tensor, torch.Tensor, CorruptedBatch]:
+    """Random real words (ids after the specials and [UNK]) behind BOS, masked with rate p."""
+    first = len(DREAM_SPECIAL) + 1
+    ids = torch.randint(
+        first, len(DREAM_WORDS), (2, 16), generator=torch.Generator().manual_seed(0)
+    )
+    ids[:, 0] = dream.bos_token_id
+    attention_mask = torch.ones_like(ids)
+    generator = torch.Generator().manual_seed(1)
+    corruption = Corruption(t_min=p, t_max=p)
+    batch = corrupt(ids, attention_mask, dream.mask_token_id, "mask", corruption, generator)
+    assert batch.is_masked.any() and (~batch.is_masked[:, 1:]).any()
+    return ids, attention_mask, batch
+
+
+def test_masked_losses_of_dream_score_token_j_with_the_logits_at_j_minus_1(dream):
+    assert dream.family == "dream" and dream.shifted
+    ids, attention_mask, batch = dream_batch(dream, 0.3)
+    raw = dream.run(batch.input_ids, attention_mask)
     ce = F.cross_entropy(raw[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
     ce = ce.view(len(ids), -1)  # ce[:, j - 1] scores token j
     masked, visible = batch.is_masked[:, 1:], ~batch.is_masked[:, 1:]
-    logits = predictions(dream_like, batch.input_ids, attention_mask)
+    logits = predictions(dream, batch.input_ids, attention_mask)
     expected = (ce * masked).sum() / 0.3 / ids.numel()
     torch.testing.assert_close(masked_lm_loss(logits, ids, batch), expected)
     expected = (ce * visible).sum() / 0.7 / ids.numel()
     torch.testing.assert_close(unmasked_lm_loss(logits, ids, batch), expected)
 
 
-def test_mask_policy_of_a_shifted_family_keeps_the_masked_tokens_own_index(qwen):
-    """DLM-Scope's Dream buffer: the activation at the [MASK] position itself, not the one before."""
-    dream_like = dataclasses.replace(qwen, family="dream", mask_token_id=7)
-    ids, attention_mask = text_batch(dream_like)
-    h = harvest(dream_like, ids, attention_mask, [2], "mask", generator=torch.Generator())
+def test_mask_policy_of_dream_keeps_the_masked_tokens_own_index(dream):
+    """DLM-Scope's Dream buffer: the activation at the mask token itself, not the one before."""
+    ids, attention_mask, _ = dream_batch(dream, 0.3)
+    h = harvest(dream, ids, attention_mask, [1], "mask", Corruption(t_min=0.3, t_max=0.3))
     b, t = h.positions.T
-    assert (h.batch.input_ids[b, t] == 7).all() and h.token_ids.equal(ids[b, t])
-    full = capture(dream_like, h.batch.input_ids, attention_mask, [2])[2]
-    assert h.acts[2].equal(full[b, t])
+    assert (h.batch.input_ids[b, t] == dream.mask_token_id).all() and h.token_ids.equal(ids[b, t])
+    full = capture(dream, h.batch.input_ids, attention_mask, [1])[1]
+    assert h.acts[1].equal(full[b, t])
 
 
 def sae_for(base: BaseModel, layer: int, policy: str) -> TopKSAE:
