@@ -1,7 +1,8 @@
 """`accelerate launch training/train.py` end to end on tiny random checkpoints of each family:
-the autoregressive baseline (clean policy; mask refused) and a masked LM with its head."""
+Dream (mask, unmask), the autoregressive baseline (clean policy; mask refused) and a masked LM."""
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,13 @@ from hub_sae import TopKSAE
 from hub_sae.cards import render_card, suite_spec
 from hub_sae.suite import validate_suite
 from hub_sae.training import TrainConfig, train
-from tests.checkpoints import write_tiny_bert, write_tiny_qwen2
+from tests.checkpoints import (
+    DREAM_SPECIAL,
+    DREAM_WORDS,
+    write_tiny_bert,
+    write_tiny_dream,
+    write_tiny_qwen2,
+)
 from tests.conftest import TINY_RUN, finish, launch
 
 
@@ -55,3 +62,30 @@ def test_a_masked_lm_with_its_head_trains_with_the_mask_policy(tmp_path):
         assert metrics["fvu"] > 0 and metrics["policy_splice_ce_clean"] > 0
         assert {"policy_splice_delta_ce", "dlm_scope_delta_lm_mask"} <= metrics.keys()
         assert not any(key.startswith("next_token") for key in metrics)
+
+
+def dream_corpus(path: Path, paragraphs: int = 600) -> Path:
+    """A .txt corpus in the tiny Dream's words (one document per paragraph)."""
+    words = DREAM_WORDS[len(DREAM_SPECIAL) + 1 :]
+    rng = random.Random(0)
+    text = "\n\n".join(" ".join(rng.choices(words, k=24)) for _ in range(paragraphs))
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["mask", "unmask"])
+def test_launch_trains_dream(tmp_path, policy):
+    model = str(write_tiny_dream(tmp_path / "dream"))
+    corpus = str(dream_corpus(tmp_path / "corpus.txt"))
+    run = dict(model=model, corpus=corpus, policy=policy, name=f"dream-{policy}", layers=[0, 2])
+    finish(launch(tmp_path / "runs", total_tokens=3072, eval_tokens=512, **run))
+    suite = tmp_path / "runs" / f"dream-{policy}"
+    assert validate_suite(suite, require_card=False) == []
+    for layer in (0, 2):
+        sae = TopKSAE.from_pretrained(suite, layer=layer)
+        assert (sae.base_model, sae.policy, sae.d_in) == (model, policy, 32)
+        metrics = layer_metrics(suite, layer)
+        assert 0 < metrics["fvu"] < 1 and metrics["policy_splice_ce_clean"] > 0
+        assert [row["t_min"] for row in metrics["by_t"]][:1] == [0.05]
+        assert all(row["masked_tokens"] > 0 for row in metrics["by_t"])
