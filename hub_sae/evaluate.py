@@ -378,9 +378,9 @@ def evaluate_suite(
     autoregressive models: none); `progress` shows tqdm bars over the held-out positions and the
     spliced runs.
     """
-    check_policy(policy, base.family)
     for sae in saes.values():
         sae.require_resid_post("SAE-spliced evaluation")
+    check_policy(policy, base.family)
     base = with_unmasking_head(base)
     layers = sorted({layer for layer, _ in saes})
     moments = {key: _Moments(sae.d_in) for key, sae in saes.items()}
