@@ -13,33 +13,25 @@ from torch import nn
 
 from hub_sae.diffusion import Steer, diffusion_generate, generate, vocab_limit
 from hub_sae.models import BaseModel, load_base_model
-from hub_sae.models.llada import save_llada_model
 from hub_sae.models.unmasking import with_unmasking_head
 from hub_sae.sae import TopKSAE
-from tests.test_diffusion import MASK, prompts, save_llada_tokenizer
-from tests.test_llada import tiny_model
+from tests.test_diffusion import MASK, prompts, tiny_llada, tiny_saes
 
 
 @pytest.fixture(scope="module")
 def llada(tmp_path_factory) -> BaseModel:
-    path = tmp_path_factory.mktemp("llada")
-    save_llada_model(tiny_model(), path)
-    save_llada_tokenizer(path)
-    return load_base_model(str(path), dtype=torch.float32)
+    return tiny_llada(tmp_path_factory.mktemp("llada"))
 
 
 @pytest.fixture(scope="module")
 def dream(llada) -> BaseModel:
-    """The tiny model read as a shifted family: position i's logits predict token i + 1."""
+    """The tiny LLaDA read as a shifted family: position i's logits predict token i + 1."""
     return dataclasses.replace(llada, family="dream")
 
 
 @pytest.fixture(scope="module")
 def saes() -> dict[int, TopKSAE]:
-    torch.manual_seed(0)
-    return {
-        layer: TopKSAE(64, 128, 8, layer=layer).eval().requires_grad_(False) for layer in (1, 2)
-    }
+    return tiny_saes()
 
 
 # ---- Dream's generation_utils.py, transcribed (sample_tokens and _sample) ----------------------
@@ -277,8 +269,8 @@ def test_both_samplers_take_the_shift_from_the_base_model(llada, dream):
     moved = dataclasses.replace(llada, model=Shifted(llada.model))
     prompt = prompts()
     for decode in (
-        lambda base: generate(base, prompt, 4, 8, 4).tokens,
-        lambda base: diffusion_generate(base, prompt, 8, 4, alg="maskgit_plus").tokens,
+        lambda model: generate(model, prompt, 4, 8, 4).tokens,
+        lambda model: diffusion_generate(model, prompt, 8, 4, alg="maskgit_plus").tokens,
     ):
         assert torch.equal(decode(dream), decode(moved))
         assert not torch.equal(decode(dream), decode(llada))
