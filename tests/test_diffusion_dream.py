@@ -12,7 +12,13 @@ import torch.distributions as dists
 import torch.nn.functional as F
 from torch import nn
 
-from hub_sae.diffusion import Steer, diffusion_generate, generate, vocab_limit
+from hub_sae.diffusion import (
+    Steer,
+    diffusion_generate,
+    generate,
+    masked_log_likelihood,
+    vocab_limit,
+)
 from hub_sae.models import BaseModel, load_base_model
 from hub_sae.models.unmasking import with_unmasking_head
 from hub_sae.sae import TopKSAE
@@ -263,20 +269,19 @@ def test_a_tiny_native_dream_checkpoint_matches_the_reference(tmp_path):
     attention_mask = torch.ones_like(prompt)
     attention_mask[1, :2] = 0
     prompt[1, :2] = dream.eos_token_id
-    for alg, options in [
-        ("origin", dict(temperature=0.7)),
-        ("maskgit_plus", dict(temperature=1.0, top_k=5)),
-        ("topk_margin", dict(temperature=1.0, top_p=0.8, alg_temp=0.5)),
-        ("entropy", dict()),
+    for alg, options, mask in [
+        ("origin", dict(temperature=0.7), None),
+        ("maskgit_plus", dict(temperature=1.0, top_k=5), attention_mask),
+        ("topk_margin", dict(temperature=1.0, top_p=0.8, alg_temp=0.5), None),
+        ("entropy", dict(), attention_mask),
     ]:
-        for mask in (None, attention_mask):
-            expected = reference(dream, prompt, 8, 4, 2, attention_mask=mask, alg=alg, **options)
-            gen = torch.Generator().manual_seed(2)
-            out = diffusion_generate(
-                dream, prompt, 8, 4, alg=alg, attention_mask=mask, generator=gen, **options
-            )
-            assert torch.equal(out.tokens, expected), (alg, mask)
-            assert not (out.tokens == dream.mask_token_id).any()
+        expected = reference(dream, prompt, 8, 4, 2, attention_mask=mask, alg=alg, **options)
+        gen = torch.Generator().manual_seed(2)
+        out = diffusion_generate(
+            dream, prompt, 8, 4, alg=alg, attention_mask=mask, generator=gen, **options
+        )
+        assert torch.equal(out.tokens, expected), alg
+        assert not (out.tokens == dream.mask_token_id).any()
 
 
 class Shifted(nn.Module):
@@ -292,7 +297,8 @@ class Shifted(nn.Module):
 
 
 def test_both_samplers_take_the_shift_from_the_base_model(llada, dream):
-    """A shifted family decodes as the unshifted family would on logits moved one to the right."""
+    """A shifted family decodes (and scores its decodes) as the unshifted family would on logits
+    moved one to the right."""
     moved = dataclasses.replace(llada, model=Shifted(llada.model))
     prompt = prompts()
     for decode in (
@@ -301,6 +307,10 @@ def test_both_samplers_take_the_shift_from_the_base_model(llada, dream):
     ):
         assert torch.equal(decode(dream), decode(moved))
         assert not torch.equal(decode(dream), decode(llada))
+    tokens, scored = prompts(1, 12)[0], torch.arange(12) >= 4
+    fluency = {b.family: masked_log_likelihood(b, tokens, scored, draws=3) for b in (dream, llada)}
+    assert fluency["dream"] == masked_log_likelihood(moved, tokens, scored, draws=3)
+    assert fluency["dream"] != fluency["llada"]
 
 
 @pytest.fixture(scope="module")
