@@ -368,3 +368,11 @@ def test_bad_numbers_name_the_problem(base, options, message):
     args = dict(prompt_ids=prompts(), steps=4, gen_length=8, block_length=8) | options
     with pytest.raises(ValueError, match=message):
         generate(base, **args)
+
+
+def test_samplers_refuse_saes_off_the_block_output(base):
+    mlp = TopKSAE(64, 128, 8, layer=1, hookpoint="layers.1.mlp")
+    with pytest.raises(ValueError, match=r"reads 'layers.1.mlp' of block 1.*resid_post"):
+        generate(base, prompts(), steps=2, gen_length=2, block_length=2, saes={1: mlp})
+    with pytest.raises(ValueError, match=r"saes\[2\] is an SAE of layer 1"):
+        diffusion_generate(base, prompts(), 2, 2, saes={2: tiny_saes()[1]})

@@ -119,6 +119,13 @@ class Recording:
         watch: Sequence[int],
     ):
         saes = saes or {}
+        for layer, sae in saes.items():
+            sae.require_resid_post("decoding with SAEs (generate, diffusion_generate, Steer)")
+            if sae.layer != layer:
+                raise ValueError(
+                    f"saes[{layer}] is an SAE of layer {sae.layer}: key each SAE by its own layer "
+                    "({sae.layer: sae}), or it is spliced into the wrong block."
+                )
         for steer in steering:
             steer.check(saes, x.shape[1], steps)
         self.top = check_whole("top", top, 0)
