@@ -211,3 +211,13 @@ def test_eval_of_a_saved_ar_suite_with_a_mask_policy_is_refused(folders, qwen, t
     with pytest.raises(ValueError, match="policy 'mask'.*never trained on masked inputs"):
         evaluate_saved_suite(tmp_path / "s")
     assert not (tmp_path / "s" / "metrics.json").exists()
+
+
+def test_samplers_refuse_a_model_without_a_mask_token(qwen):
+    from hub_sae.diffusion import diffusion_generate, generate
+
+    ids, _ = text_batch(qwen)
+    with pytest.raises(ValueError, match="no mask token, so there is nothing to denoise"):
+        generate(qwen, ids[:, :4], steps=2, gen_length=2, block_length=2)
+    with pytest.raises(ValueError, match="no mask token, so there is nothing to denoise"):
+        diffusion_generate(qwen, ids[:, :4], max_new_tokens=2, steps=2)
