@@ -95,7 +95,8 @@ def _card(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.license:
         spec.license = args.license
     path = write_card(spec, out, args.template)
-    print(f"wrote {path} and {out / PLOT_FILE} (for {spec.repo_id})")
+    plot = f" and {out / PLOT_FILE}" if spec.metrics else ""
+    print(f"wrote {path}{plot} (for {spec.repo_id})")
     return 0
 
 

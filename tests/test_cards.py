@@ -166,3 +166,15 @@ def test_wheel_ships_the_card_template(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "hub_sae/model_cards/template.md" in names
     assert not any("llada-8b-mask" in name for name in names)  # release cards stay in the repo
+
+
+def test_the_autoregressive_baseline_card_says_so():
+    """Qwen2.5-7B's card: no diffusion tag or text, next-token metrics only, no reported numbers."""
+    path = ROOT / "model_cards" / "qwen2.5-7b-clean" / CARD_FILE
+    card = ModelCard.load(path)
+    assert "autoregressive-baseline" in card.data.tags
+    assert "diffusion-language-model" not in card.data.tags and not card.data.eval_results
+    assert "never trained on masked inputs" in card.text and "`next_token_delta_ce`" in card.text
+    assert "dlm_scope_delta_lm_mask" not in card.text and "![FVU per layer]" not in card.text
+    dream = ModelCard.load(ROOT / "model_cards" / "dream-7b-mask" / CARD_FILE)
+    assert "diffusion-language-model" in dream.data.tags and "next_token_delta_ce" not in dream.text

@@ -111,12 +111,32 @@ def test_push_refuses_a_card_made_for_another_repo(carded, capsys):
     assert "generated for 'me/tiny-mask'" in err and "--repo-id me/other" in err
 
 
-def test_release_card_command_reproduces_the_committed_card(tmp_path):
-    args = ["card", "--release", str(ROOT / "training/configs/llada-8b-mask.yaml")]
-    args += ["--metrics", str(LLADA_CARD / "reported_metrics.json"), "--out", str(tmp_path)]
+RELEASES = (
+    "llada-8b-mask",
+    "llada-8b-unmask",
+    "dream-7b-mask",
+    "dream-7b-unmask",
+    "qwen2.5-7b-clean",
+)
+"""model_cards/ folders of the five DLM-Scope repos, each named like its training config."""
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_release_card_command_reproduces_the_committed_card(tmp_path, release):
+    committed = ROOT / "model_cards" / release
+    args = ["card", "--release", str(ROOT / f"training/configs/{release}.yaml")]
+    args += ["--metrics", str(committed / "reported_metrics.json"), "--out", str(tmp_path)]
     assert main(args) == 0
-    assert (tmp_path / CARD_FILE).read_text() == (LLADA_CARD / CARD_FILE).read_text()
-    assert (tmp_path / PLOT_FILE).is_file()
+    assert (tmp_path / CARD_FILE).read_text() == (committed / CARD_FILE).read_text()
+    reported = json.loads((committed / "reported_metrics.json").read_text())["results"]
+    assert (tmp_path / PLOT_FILE).is_file() == bool(reported) == (committed / PLOT_FILE).is_file()
+
+
+def test_every_release_is_listed_with_its_repo_and_command():
+    index = (ROOT / "model_cards" / "README.md").read_text()
+    for release in RELEASES:
+        repo = json.loads((ROOT / "model_cards" / release / "reported_metrics.json").read_text())
+        assert f"`{repo['repo_id']}`" in index and f"configs/{release}.yaml" in index
 
 
 def metrics_bytes(root: Path) -> dict[Path, bytes]:
