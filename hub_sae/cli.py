@@ -216,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         from hub_sae.cards import TEMPLATE
 
         args.template = TEMPLATE
+    from hub_sae.io import FolderBusyError
+
     try:
         if args.command == "eval":
             return _eval(args)
@@ -224,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             return _export(args)
         return _push(args)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, FolderBusyError) as e:
         print(f"hub-sae: error: {e}", file=sys.stderr)
         return 1
 
