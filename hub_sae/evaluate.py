@@ -411,8 +411,26 @@ def evaluate_saved_suite(
 
     Writes each layer's metrics.json (keys not measured here, e.g. `train_dead_share`, are kept)
     and the summary metrics.json at the root, only once every SAE is evaluated; returns the metrics
-    per (layer, k). Nothing is read or written outside `root`.
+    per (layer, k). Nothing is read or written outside `root`. The suite's lock (the trainer's run
+    lock) is held throughout: a run rewriting it, or another writer, stops the evaluation at once.
     """
+    from hub_sae.io import folder_lock
+
+    fix = "a training run or another command is writing it: wait for it to finish, then evaluate."
+    with folder_lock(root, fix):
+        return _evaluate_saved_suite(root, max_tokens, device, dtype, corpus, split, seed)
+
+
+def _evaluate_saved_suite(
+    root: Path,
+    max_tokens: int | None,
+    device: str,
+    dtype: str | None,
+    corpus: str | None,
+    split: str | None,
+    seed: int,
+) -> dict[tuple[int, int], dict]:
+    """`evaluate_saved_suite`, under the suite's lock."""
     from hub_sae.io import write_json
     from hub_sae.suite import DTYPES, layer_folders, read_suite
 

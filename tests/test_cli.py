@@ -162,6 +162,38 @@ def test_eval_writes_no_metrics_unless_every_layer_succeeds(suite, capsys):
     assert metrics_bytes(suite) == before
 
 
+RUN_LOCK = """
+import sys
+from pathlib import Path
+from accelerate import Accelerator
+from hub_sae.training import TrainConfig
+from hub_sae.training.checkpoint import run_lock
+
+root = Path(sys.argv[1])
+with run_lock(TrainConfig(output_dir=str(root.parent), name=root.name), Accelerator(cpu=True)):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_eval_during_a_run_of_the_same_name_stops_and_writes_nothing(suite, capsys):
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", RUN_LOCK, str(suite)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert trainer.stdout.readline() == "held\n"  # a run of this name holds its lock
+    before = metrics_bytes(suite)
+    assert main(["eval", str(suite), "--max-tokens", "256", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert f"{suite} is in use: process {trainer.pid}" in err
+    assert "A training run or another command is writing it: wait for it to finish" in err
+    assert metrics_bytes(suite) == before and not (suite / SUMMARY_FILE).exists()
+    trainer.communicate("")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_eval_on_cuda_without_cuda_is_a_clear_error(suite, capsys):
     before = metrics_bytes(suite)
