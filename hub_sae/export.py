@@ -17,7 +17,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from hub_sae.io import folder_lock, folder_target, inside, write_folder
+from hub_sae.io import inside, new_folder, write_folder
 from hub_sae.sae import TopKSAE
 from hub_sae.suite import SUITE_FILE, layer_folders
 
@@ -140,12 +140,7 @@ def export(
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}.")
-    target = folder_target(out)
-    with folder_lock(target):  # the emptiness check holds until the folder is written
-        if target.exists() and (not target.is_dir() or any(target.iterdir())):
-            raise FileExistsError(
-                f"{out} already exists and is not empty; remove it or pick another."
-            )
+    with new_folder(out) as target:
         saes = _load(repo_id_or_path, layer, k)
         several_k = len({sae_k for _, sae_k in saes}) > 1
         written: list[Path] = []

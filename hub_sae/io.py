@@ -5,6 +5,7 @@ one rule that tells a local path from a hub repo id.
   half a file, and a crash leaves the old file in place. `write_folder` does the same for a folder.
 - `folder_target(path)`: the folder `write_folder` replaces (through a symlink; never the current
   folder or one above it).
+- `new_folder(path)`: the lock of a folder that must be new or empty, checked under it.
 - `folder_lock(folder)`: the one lock of a folder (`.NAME.lock` beside it), held by whoever writes
   it (`write_folder`, the trainer for a whole run, `hub-sae eval` and `card`); a second process
   stops at once with `FolderBusyError` naming the holder.
@@ -167,6 +168,19 @@ def folder_target(path: str | Path) -> Path:
     return target
 
 
+@contextmanager
+def new_folder(path: str | Path) -> Iterator[Path]:
+    """Hold the lock of `path`, a folder about to be written that must be new or empty (checked
+    under the lock, so no other writer fills it meanwhile); yields `folder_target(path)`."""
+    target = folder_target(path)
+    with folder_lock(target):
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise FileExistsError(
+                f"{path} already exists and is not empty; remove it or pick another."
+            )
+        yield target
+
+
 def write_folder(path: str | Path, fill: Callable[[Path], None]) -> Path:
     """Build a folder with `fill(tmp)` in a fresh temp folder beside `path`, then rename it to
     `path`, replacing any previous folder only once the new one is complete.
@@ -279,17 +293,12 @@ class HubOptions:
     local_files_only: bool = False
     """Read the cache only, never the network."""
 
-    def snapshot(
-        self,
-        repo_id: str,
-        allow_patterns: list[str] | None = None,
-        local_dir: str | Path | None = None,
-    ) -> Path:
-        """The files of `repo_id` matching `allow_patterns`, downloaded (or cached), as a folder."""
+    def snapshot(self, repo_id: str, allow_patterns: list[str] | None = None) -> Path:
+        """The files of `repo_id` matching `allow_patterns`, downloaded to (or read from) the hub
+        cache, as a folder. Never a `local_dir`: huggingface_hub would return an existing folder of
+        that name, unchecked, whenever the hub cannot be reached."""
         try:
-            folder = snapshot_download(
-                repo_id, allow_patterns=allow_patterns, local_dir=local_dir, **asdict(self)
-            )
+            folder = snapshot_download(repo_id, allow_patterns=allow_patterns, **asdict(self))
         except (RepositoryNotFoundError, LocalEntryNotFoundError) as e:
             raise FileNotFoundError(
                 f"{repo_id} is not a local path, and the hub repo {repo_id} could not be read "

@@ -18,16 +18,16 @@ ROOT = Path(__file__).resolve().parents[1]
 LLADA_CARD = ROOT / "model_cards" / "llada-8b-mask"
 
 
-def hub_sae(*args: str) -> subprocess.CompletedProcess:
-    """The real console entry point, offline and without a token."""
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
-    env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
+def hub_sae(*args: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
+    """The real console entry point, offline and without a token (`env`: more variables)."""
+    keep = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    keep.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=str(ROOT), **env)
     return subprocess.run(
         [sys.executable, "-m", "hub_sae.cli", *args],
         capture_output=True,
         text=True,
-        env=env,
-        cwd=ROOT,
+        env=keep,
+        cwd=cwd,
         timeout=300,
     )
 
@@ -213,3 +213,49 @@ def test_a_missing_path_is_never_taken_for_a_hub_repo(tmp_path, monkeypatch, cap
     assert main(["card", "c_nolayer"]) == 1
     err = capsys.readouterr().err
     assert "'c_nolayer' is neither an existing local path" in err and "owner/name" in err
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def hub_cache(cache: Path, repo_id: str, suite: Path) -> Path:
+    """`suite` as huggingface_hub caches repo_id: blobs, a snapshot of links to them, refs/main."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "blobs").mkdir()
+    for i, (name, data) in enumerate(sorted(tree_bytes(suite).items())):
+        (repo / "blobs" / f"{i:040x}").write_bytes(data)
+        link = repo / "snapshots" / commit / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(repo / "blobs" / f"{i:040x}", link.parent))
+    return repo
+
+
+def test_a_repo_id_never_resolves_to_a_local_folder_of_its_name(suite, tmp_path):
+    """Offline, `me/tiny-mask` is read from the hub cache only; ./tiny-mask is never touched."""
+    assert suite == tmp_path / "tiny-mask"
+    before = tree_bytes(suite)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for command in ("card", "eval"):
+        done = hub_sae(command, "me/tiny-mask", cwd=tmp_path, HF_HUB_CACHE=str(cache))
+        assert done.returncode == 1
+        assert "me/tiny-mask is a hub repo id" in done.stderr and "--out DIR" in done.stderr
+        out = ("--out", str(tmp_path / "copy"))
+        done = hub_sae(command, "me/tiny-mask", *out, cwd=tmp_path, HF_HUB_CACHE=str(cache))
+        assert done.returncode == 1 and "the hub repo me/tiny-mask could not be read" in done.stderr
+    assert tree_bytes(suite) == before and not (tmp_path / "copy").exists()
+
+    repo = hub_cache(cache, "me/tiny-mask", suite)
+    cached = tree_bytes(repo)
+    done = hub_sae("card", "me/tiny-mask", "--out", "copy", cwd=tmp_path, HF_HUB_CACHE=str(cache))
+    assert done.returncode == 0, done.stderr
+    copy = tree_bytes(tmp_path / "copy")
+    assert {name: copy[name] for name in before} == before  # the cached suite, as files
+    assert "me/tiny-mask" in copy[CARD_FILE].decode() and PLOT_FILE in copy
+    assert tree_bytes(repo) == cached and tree_bytes(suite) == before
+    done = hub_sae("card", "me/tiny-mask", "--out", "copy", cwd=tmp_path, HF_HUB_CACHE=str(cache))
+    assert done.returncode == 1 and "copy already exists and is not empty" in done.stderr
