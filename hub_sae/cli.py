@@ -128,13 +128,10 @@ def _push(args: argparse.Namespace) -> int:
     from hub_sae.publish import check_publishable, format_file_list, push_suite, stray_files
 
     root = Path(args.suite)
-    files = check_publishable(root, args.repo_id)
-    for stray in stray_files(root, files):
-        print(
-            f"warning: {stray.local_path} ({stray.size:,} bytes) is not part of the suite but "
-            "would be uploaded; move it out of the folder if it should not be.",
-            file=sys.stderr,
-        )
+    files = check_publishable(root, args.repo_id, args.include)
+    extra = [f.path_in_repo for f in stray_files(root, files)]
+    if extra:
+        print(f"beyond the suite layout, named by --include: {', '.join(extra)}", file=sys.stderr)
     if args.dry_run:
         visibility = "private" if args.private else "public"
         print(
@@ -151,6 +148,7 @@ def _push(args: argparse.Namespace) -> int:
         args.revision,
         args.create_pr,
         files=files,
+        include=args.include,
     )
     where = f"pull request {commit.pr_url}" if commit.pr_url else f"one commit: {commit.commit_url}"
     print(f"pushed {root} to {args.repo_id} in {where}")
@@ -229,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--revision", help="branch to commit to (default: main)")
     push.add_argument(
         "--create-pr", action="store_true", help="open a pull request instead of committing"
+    )
+    push.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="also upload the files beyond the suite layout that PATTERN names (a glob on the path "
+        "in the repo, e.g. 'notes/*'); others are refused. Repeatable",
     )
 
     exp = commands.add_parser("export", help="write SAELens or sparsify folders of a suite or SAE")
