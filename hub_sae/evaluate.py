@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
@@ -385,6 +386,18 @@ def evaluate_suite(
     return metrics
 
 
+def heldout_tokens(base: BaseModel, data: DataConfig, limit: int) -> int:
+    """Tokens in one pass over `data` (full batches), counted until `limit`."""
+    tokens = 0
+    for _, attention_mask in token_batches(
+        data, base.tokenizer, base.bos_token_id, base.eos_token_id
+    ):
+        tokens += int(attention_mask.sum())
+        if tokens >= limit:
+            break
+    return tokens
+
+
 def _previous_metrics(path: Path) -> dict:
     """A layer's metrics.json before re-evaluation ({} when absent); a clear error when unreadable."""
     if not path.is_file():
@@ -447,6 +460,21 @@ def _evaluate_saved_suite(
     folders = layer_folders(root, info)
     previous = {key: _previous_metrics(folder / "metrics.json") for key, folder in folders.items()}
     base = load_base_model(info.base_model, dtype=getattr(torch, dtype), device=device)
+    split_tokens = heldout_tokens(base, data, max_tokens)
+    if split_tokens == 0:
+        raise ValueError(
+            f"the held-out split ({data.corpus!r}, {data.split}) holds less than one batch of "
+            f"{data.batch_size} x {data.ctx_len} tokens; give a larger corpus with --corpus."
+        )
+    if split_tokens < max_tokens:  # more would only recycle the same text with new masks
+        print(
+            f"note: the held-out split ({data.corpus!r}, {data.split}) has {split_tokens:,} "
+            f"tokens in full batches of {data.batch_size} x {data.ctx_len}, fewer than "
+            f"--max-tokens {max_tokens:,}: evaluating {split_tokens:,}. Give a larger corpus "
+            "(--corpus) to measure more.",
+            file=sys.stderr,
+        )
+        max_tokens = split_tokens
     saes = {
         key: TopKSAE.from_pretrained(folder, device=device).eval()
         for key, folder in folders.items()

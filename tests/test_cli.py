@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -192,6 +193,26 @@ def test_eval_during_a_run_of_the_same_name_stops_and_writes_nothing(suite, caps
     assert "A training run or another command is writing it: wait for it to finish" in err
     assert metrics_bytes(suite) == before and not (suite / SUMMARY_FILE).exists()
     trainer.communicate("")
+
+
+def test_eval_max_tokens_is_bounded_by_the_heldout_split(suite, tmp_path):
+    corpus = tmp_path / "small.txt"
+    words = "the quick brown fox jumps over {} lazy dogs by the river, and then it rests."
+    corpus.write_text("\n\n".join(f"Paragraph {i}: " + words.format(i * 7) for i in range(600)))
+    args = ("--max-tokens", str(10**12), "--corpus", str(corpus), "--device", "cpu")
+    done = hub_sae("eval", str(suite), *args)  # before the bound: years of recycled text
+    assert done.returncode == 0, done.stderr
+    said = re.search(
+        rf"the held-out split \('{re.escape(str(corpus))}', heldout\) has ([\d,]+) tokens in full "
+        r"batches of 8 x 64, fewer than --max-tokens 1,000,000,000,000: evaluating \1\.",
+        done.stderr,
+    )
+    assert said, done.stderr
+    tokens = int(said[1].replace(",", ""))
+    assert tokens > 0 and tokens % (8 * 64) == 0
+    summary = json.loads((suite / SUMMARY_FILE).read_text())
+    assert summary["eval"]["max_tokens"] == tokens
+    assert [r["tokens"] for r in summary["results"]] == [tokens, tokens]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
