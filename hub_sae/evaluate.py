@@ -460,6 +460,12 @@ def _evaluate_saved_suite(
     folders = layer_folders(root, info)
     previous = {key: _previous_metrics(folder / "metrics.json") for key, folder in folders.items()}
     base = load_base_model(info.base_model, dtype=getattr(torch, dtype), device=device)
+    if data.ctx_len > base.max_length:
+        raise ValueError(
+            f"{root / 'suite.json'}: `training.ctx_len` {data.ctx_len} exceeds "
+            f"{info.base_model}'s maximum of {base.max_length} tokens; set it to "
+            f"{base.max_length} or less (the trainer refuses longer contexts too)."
+        )
     split_tokens = heldout_tokens(base, data, max_tokens)
     if split_tokens == 0:
         raise ValueError(

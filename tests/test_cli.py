@@ -195,6 +195,18 @@ def test_eval_during_a_run_of_the_same_name_stops_and_writes_nothing(suite, caps
     trainer.communicate("")
 
 
+def test_eval_refuses_a_ctx_len_beyond_the_model_naming_both(suite, capsys):
+    info = json.loads((suite / "suite.json").read_text())
+    info["training"]["ctx_len"] = 4096
+    (suite / "suite.json").write_text(json.dumps(info))
+    before = metrics_bytes(suite)
+    assert main(["eval", str(suite), "--max-tokens", "256", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    said = re.search(r"`training.ctx_len` 4096 exceeds .*'s maximum of (\d+) tokens; set it", err)
+    assert said and int(said[1]) < 4096, err
+    assert metrics_bytes(suite) == before
+
+
 def test_eval_max_tokens_is_bounded_by_the_heldout_split(suite, tmp_path):
     corpus = tmp_path / "small.txt"
     words = "the quick brown fox jumps over {} lazy dogs by the river, and then it rests."
