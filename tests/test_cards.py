@@ -166,3 +166,15 @@ def test_wheel_ships_the_card_template(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "hub_sae/model_cards/template.md" in names
     assert not any("llada-8b-mask" in name for name in names)  # release cards stay in the repo
+
+
+@pytest.mark.parametrize("repo_id", ["me/../evil", "me/x\nlicense: none", "me/a..b"])
+def test_a_repo_id_that_is_no_hub_id_is_refused_before_writing(tmp_path, capsys, repo_id):
+    from hub_sae.cli import main
+
+    args = ["card", "--release", str(LLADA_CONFIG), "--repo-id", repo_id]
+    args += ["--metrics", str(LLADA_CARD / "reported_metrics.json"), "--out", str(tmp_path / "c")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"the card's repo id {repo_id!r} is not a hub repo id" in err
+    assert "give --repo-id owner/name" in err and not (tmp_path / "c").exists()
