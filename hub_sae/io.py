@@ -26,7 +26,6 @@ import os
 import secrets
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -191,8 +190,9 @@ def write_folder(path: str | Path, fill: Callable[[Path], None]) -> Path:
     target = folder_target(path)
     with folder_lock(target):
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-        old = target.with_name(f".{target.name}.{secrets.token_hex(4)}.old")
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        old = tmp.with_suffix(".old")
+        tmp.mkdir()  # unique, and with the umask's permissions (mkdtemp's are owner-only)
         try:
             with writing(target):
                 fill(tmp)

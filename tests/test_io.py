@@ -40,6 +40,9 @@ def test_write_folder_replaces_the_whole_folder_only_once_complete(tmp_path: Pat
     write_folder(out, lambda tmp: (tmp / "a.json").write_text("1"))
     write_folder(out, lambda tmp: (tmp / "b.json").write_text("2"))
     assert os.listdir(out) == ["b.json"]
+    (tmp_path / "plain").mkdir()  # the folder has the umask's permissions, as mkdir gives
+    assert out.stat().st_mode == (tmp_path / "plain").stat().st_mode
+    (tmp_path / "plain").rmdir()
 
     def half_written(tmp: Path) -> None:
         (tmp / "c.json").write_text("3")
