@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from hub_sae.data import DEFAULT_CORPUS
 from hub_sae.evaluate import METRICS, SUMMARY_FILE, T_BINS
@@ -114,6 +116,15 @@ class CardSpec:
     license: str = LICENSE
     n_blocks: int | None = None
     training_note: str = "From the run config stored in `suite.json` (`training`)."
+
+    def __post_init__(self) -> None:
+        try:  # the card's metadata, title and load snippet quote it
+            validate_repo_id(self.repo_id)
+        except HFValidationError as e:
+            raise ValueError(
+                f"the card's repo id {self.repo_id!r} is not a hub repo id ({e}); give "
+                "--repo-id owner/name."
+            ) from None
 
 
 def _is_number(value: object) -> bool:

@@ -178,3 +178,15 @@ def test_the_autoregressive_baseline_card_says_so():
     assert "dlm_scope_delta_lm_mask" not in card.text and "![FVU per layer]" not in card.text
     dream = ModelCard.load(ROOT / "model_cards" / "dream-7b-mask" / CARD_FILE)
     assert "diffusion-language-model" in dream.data.tags and "next_token_delta_ce" not in dream.text
+
+
+@pytest.mark.parametrize("repo_id", ["me/../evil", "me/x\nlicense: none", "me/a..b"])
+def test_a_repo_id_that_is_no_hub_id_is_refused_before_writing(tmp_path, capsys, repo_id):
+    from hub_sae.cli import main
+
+    args = ["card", "--release", str(LLADA_CONFIG), "--repo-id", repo_id]
+    args += ["--metrics", str(LLADA_CARD / "reported_metrics.json"), "--out", str(tmp_path / "c")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"the card's repo id {repo_id!r} is not a hub repo id" in err
+    assert "give --repo-id owner/name" in err and not (tmp_path / "c").exists()
