@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 from collections.abc import Callable
 
 import gradio as gr
 import pandas as pd
 import views
-from explorer import SAMPLERS, Analysis, DecodeRun, Explorer, InputError
+from explorer import SAMPLERS, Analysis, DecodeRun, Explorer, InputError, finite
 
 from hub_sae.diffusion import ALGS, REMASKING, Steer
 
@@ -109,15 +110,12 @@ def parse_steer(
             where = tuple(int(p) for p in text.replace(",", " ").split())
         except ValueError:
             raise InputError(f"Steer at: {STEER_POSITIONS}; got {positions!r}.") from None
+    value = finite("Steer value", 0.0 if value is None else value, "a finite number", math.isfinite)
+    share = finite(
+        "The steered share", 1.0 if share is None else share, "in (0, 1]", lambda s: 0 < s <= 1
+    )
     try:
-        return Steer(
-            int(layer),
-            (int(feature or 0),),
-            float(value or 0.0),  # Steer refuses a non-finite value
-            mode or "clamp",
-            (0.0, float(share or 1.0)),
-            where,
-        )
+        return Steer(int(layer), (int(feature or 0),), value, mode or "clamp", (0.0, share), where)
     except ValueError as e:
         raise InputError(str(e)) from e
 
@@ -263,6 +261,7 @@ def decode_tab(explorer: Explorer, inputs: list[gr.Component], explored: gr.Numb
     with gr.Row(visible=explorer.chat):
         chat = gr.Textbox(
             value="",
+            placeholder="e.g. Write one sentence about loops.",
             label="Chat message (when given, the decode answers it through the model's chat "
             "template instead of filling the prompt's masks)",
             scale=4,

@@ -174,6 +174,8 @@ def unembed(base: BaseModel) -> nn.Module | None:
         return nn.Sequential(transformer.ln_f, transformer.ff_out)
     if hasattr(inner, "norm") and hasattr(base.model, "lm_head"):  # Dream, HF decoders (Qwen2)
         return nn.Sequential(inner.norm, base.model.lm_head)
+    if hasattr(inner, "final_norm") and hasattr(base.model, "head"):  # ModernBERT
+        return nn.Sequential(inner.final_norm, base.model.head, base.model.decoder)
     for name in ("cls", "lm_head"):  # BERT-style and RoBERTa-style masked-LM heads
         if hasattr(base.model, name):
             return getattr(base.model, name)
@@ -414,20 +416,16 @@ class Explorer:
         if ratio > 0 and self.mask_text is None:
             raise InputError(
                 f"{self.base.name} is autoregressive (family {self.base.family}): it has no mask "
-                f"token, so its SAEs read clean text only. Set the mask ratio to 0."
+                "token, so its SAEs read clean text only. Set the mask ratio to 0."
             )
         ids, tokens = self.tokenize(text)
-        clean = torch.tensor(ids)
-        is_masked = torch.zeros(len(ids), dtype=torch.bool)
-        if self.mask_text is not None:
-            is_masked = clean == self.base.mask_token_id
+        clean, mask_id = torch.tensor(ids), self.base.mask_token_id
+        is_masked = torch.zeros(len(ids), dtype=torch.bool) if mask_id is None else clean == mask_id
         is_masked[0] = False
         if ratio > 0:
             generator = torch.Generator().manual_seed(int(seed))
             schedule = Corruption(t_min=ratio, t_max=ratio)
-            batch = corrupt(
-                clean[None], None, self.base.mask_token_id, self.policy, schedule, generator
-            )
+            batch = corrupt(clean[None], None, mask_id, self.policy, schedule, generator)
             random = batch.is_masked[0] & ~is_masked
             is_masked |= random
             tokens = [
@@ -435,7 +433,7 @@ class Explorer:
                 for t, r in zip(tokens, random.tolist(), strict=True)
             ]
         selected = select_positions(is_masked[None], None, self.policy)[0]
-        masked_ids = clean.masked_fill(is_masked, self.base.mask_token_id or 0)
+        masked_ids = clean if self.mask_text is None else clean.masked_fill(is_masked, mask_id)
         return Prompt(masked_ids, clean, is_masked, selected, tokens)
 
     def chat_prompt(self, message: str, answer: int) -> Prompt:

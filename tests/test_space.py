@@ -24,7 +24,7 @@ from hub_sae.diffusion import (  # noqa: E402
     generate,
     masked_log_likelihood,
 )
-from hub_sae.models import BaseModel  # noqa: E402
+from hub_sae.models import BaseModel, load_base_model  # noqa: E402
 from hub_sae.models.chat import chat_inputs  # noqa: E402
 from hub_sae.models.llada import save_llada_model  # noqa: E402
 from hub_sae.sae import TopKSAE  # noqa: E402
@@ -180,6 +180,11 @@ def test_bad_inputs_are_clear_errors(explorer):
         app.decode(explorer, PROMPT, 3, 0.0, 0, 4, 0, float("inf"), "clamp", 1.0, "masked")
     with pytest.raises(gr.Error, match=r"must lie in 0\.\.18"):
         app.decode(explorer, PROMPT, 3, 0.0, 0, 4, 0, 1.0, "clamp", 1.0, "3, 99")
+    for share in (0.0, 1.5, "x", float("nan")):
+        with pytest.raises(gr.Error, match=r"The steered share must be in \(0, 1\]"):
+            app.decode(explorer, PROMPT, 3, 0.0, 0, 4, 0, 1.0, "clamp", share, "masked")
+    with pytest.raises(gr.Error, match="Steer value must be a finite number; got 'x'"):
+        app.decode(explorer, PROMPT, 3, 0.0, 0, 4, 0, "x", "clamp", 1.0, "masked")
     steer = (PROMPT, 3, 0.0, 0, 4, 0, 1.0, "clamp", 1.0, "masked")
     for options, message in [
         (("gpt",), "Sampler 'gpt': choose one of llada, dream"),
@@ -430,6 +435,30 @@ def qwen(tmp_path_factory) -> Explorer:
     return Explorer(base, {1: sae}, "clean", {1: None}, "qwen-tiny")
 
 
+@pytest.fixture(scope="module")
+def modernbert(tmp_path_factory) -> Explorer:
+    """A tiny random ModernBERT masked LM (family mlm) loaded by `load_base_model`."""
+    from transformers import ModernBertConfig, ModernBertForMaskedLM
+
+    path = tmp_path_factory.mktemp("modernbert")
+    words = ["[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]", "the", "cat", "sat", "on", "mat"]
+    save_word_tokenizer(
+        path, words, words[:4], prefix="[CLS]",
+        pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+    )  # fmt: skip
+    config = ModernBertConfig(
+        vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64, pad_token_id=0, cls_token_id=1,
+        sep_token_id=2, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ModernBertForMaskedLM(config).save_pretrained(path)
+    base = load_base_model(str(path))
+    assert base.family == "mlm" and base.has_lm_head
+    sae = TopKSAE(32, 64, 4, layer=1).requires_grad_(False)
+    return Explorer(base, {1: sae}, "mask", {1: None}, "modernbert-tiny")
+
+
 DREAM_PROMPT = "the cat <|mask|> <|mask|> on the mat"
 
 
@@ -439,12 +468,13 @@ def gradio_strings(demo: gr.Blocks) -> str:
     return " ".join(str(p.get(key)) for p in props for key in ("label", "value"))
 
 
-def test_mask_text_comes_from_each_familys_tokenizer(explorer, llada, dream, qwen):
-    assert (explorer.mask_text, llada.mask_text, dream.mask_text) == (
+def test_mask_text_comes_from_each_familys_tokenizer(explorer, llada, dream, modernbert, qwen):
+    assert [e.mask_text for e in (explorer, llada, dream, modernbert)] == [
         "[MASK]",
         LLADA_MASK,
         "<|mask|>",
-    )
+        "[MASK]",
+    ]
     page = gradio_strings(app.build_app(dream))
     assert "type <|mask|> for masked positions" in page and "[MASK]" not in page
     assert app.example(dream).count("<|mask|>") == 2 and "<|mask|>" in views.header(dream)
@@ -495,9 +525,11 @@ def test_dream_decodes_through_the_space_with_its_sampler_and_alg_options(dream)
     ]
 
 
-def test_logit_lens_is_the_models_own_norm_and_head_at_the_next_token(dream, qwen, llada):
+def test_logit_lens_is_the_models_own_final_norm_and_head(dream, qwen, modernbert, llada):
+    """The lens of a decoder direction equals the model's logits with the last block's output
+    replaced by it; shifted families (Dream, ar) promote them at the next position."""
     assert views.lens_label(llada) == "Logit lens: tokens promoted at the same position"
-    for explorer in (dream, qwen):
+    for explorer in (dream, qwen, modernbert):
         layer = explorer.layers[-1]
         direction = explorer.saes[layer].W_dec[5]
         last = explorer.base.blocks[-1]
@@ -516,11 +548,12 @@ def test_logit_lens_is_the_models_own_norm_and_head_at_the_next_token(dream, qwe
         lens = explorer.logit_lens(layer, 5, n=3)
         assert [t.token for t in lens] == [explorer.token_text(i) for i in logits.topk(3).indices]
         assert [t.logit for t in lens] == pytest.approx(logits.topk(3).values.tolist(), abs=1e-4)
-        summary = views.feature_summary(
-            explorer, explorer.analyse(app.example(explorer), 0.0, 0), layer, 5
-        )
-        assert "promotes at the NEXT position" in summary
-        assert views.lens_label(explorer) == "Logit lens: tokens promoted at the next position"
+        analysis = explorer.analyse(app.example(explorer), 0.0, 0)
+        summary = views.feature_summary(explorer, analysis, layer, 5)
+        where = "NEXT" if explorer.base.shifted else "same"
+        assert f"promotes at the {where} position" in summary
+        label = f"Logit lens: tokens promoted at the {where.lower()} position"
+        assert views.lens_label(explorer) == label
 
 
 def test_chat_box_appends_masked_answer_tokens_after_the_chat_prompt(dream, llada):
