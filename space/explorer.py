@@ -37,7 +37,7 @@ from hub_sae.diffusion import (
     masked_log_likelihood,
     vocab_limit,
 )
-from hub_sae.diffusion.timeline import check_number
+from hub_sae.diffusion.checks import check_number
 from hub_sae.features import FEATURES_FILE, FeatureStats, load_features
 from hub_sae.io import HubOptions, inside, local_path
 from hub_sae.masking import Corruption, corrupt, select_positions
@@ -52,7 +52,12 @@ LLADA_SUITE = "AwesomeInterpretability/llada-mask-topk-sae"
 CHECKPOINTS = "checkpoints"
 """The trainer's folder for checkpoints under its output folder: not a suite."""
 MAX_TOKENS = 256
+CHARS_PER_TOKEN = 32
+"""Prompts longer than MAX_TOKENS * CHARS_PER_TOKEN characters are refused before tokenising."""
 CACHE_SIZE = 32
+STEER_MAX = 1e4
+"""The largest |steering value|: far above any SAE activation (tens to hundreds), far below
+float32's overflow (1e39 is inf there, 1e300 added turns every logit into NaN)."""
 SEED_MAX = 2**32 - 1
 SAMPLERS = {"llada": "LLaDA's generate", "dream": "Dream's diffusion_generate"}
 """The decoding samplers by name; both run on every family with a mask token."""
@@ -264,6 +269,8 @@ class Explorer:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
+        for sae in self.saes.values():
+            sae.require_resid_post("The Space")
         self.analyse = lru_cache(maxsize=CACHE_SIZE)(self._analyse)
         self.decode = lru_cache(maxsize=CACHE_SIZE)(self._decode)
         self.head = unembed(self.base)
@@ -300,6 +307,10 @@ class Explorer:
     @property
     def layers(self) -> list[int]:
         return sorted(self.saes)
+
+    @property
+    def max_chars(self) -> int:
+        return self.max_tokens * CHARS_PER_TOKEN
 
     @property
     def mask_text(self) -> str | None:
@@ -390,6 +401,11 @@ class Explorer:
         """Token ids (BOS first) and the display text of each, leading whitespace included."""
         if not text.strip():
             raise InputError(f"Write a prompt first ({self.mask_hint()}).")
+        if len(text) > self.max_chars:  # a 10 MB prompt took 9 s and 2 GB to tokenise
+            raise InputError(
+                f"The prompt is {len(text):,} characters long; this Space reads at most "
+                f"{self.max_chars:,} characters ({self.max_tokens} tokens). Shorten it."
+            )
         enc = self.base.tokenizer(text, return_offsets_mapping=True)
         ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
         if not ids or ids[0] != self.base.bos_token_id:
@@ -638,6 +654,11 @@ class Explorer:
         with `steer`; every step's top features of its layer are recorded. Cached: clicking a cell
         of the timeline reads the same run again."""
         prompt = self.decode_prompt(text, ratio, seed, chat, answer)
+        if not abs(steer.value) <= STEER_MAX:
+            raise InputError(
+                f"The steering value must lie between -{STEER_MAX:,.0f} and {STEER_MAX:,.0f} "
+                f"(SAE activations are far smaller); got {steer.value:g}."
+            )
         layer = self.check_layer(steer.layer)
         saes = {layer: self.saes[layer]}
         try:

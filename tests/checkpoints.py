@@ -1,8 +1,9 @@
-"""Tiny random checkpoints in the official layouts of each family, written for tests (no downloads)."""
+"""Tiny random checkpoints in the official layout of each family, for tests (no downloads)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,6 +24,20 @@ DREAM_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"]
 DREAM_WORDS = [*DREAM_SPECIAL, "[UNK]", "system", "user", "assistant", "You", "are", "a"]
 DREAM_WORDS += ["helpful", ".", "hello", "world", "the", "cat", "sat", "on", "mat"]
 """The tiny Dream tokenizer's vocabulary: token id = index."""
+
+
+def edit_shard(path: Path, name: str, edit: Callable[[dict[str, torch.Tensor]], None]) -> str:
+    """Apply `edit` to the tensors of the shard (listed in the index) holding `name`, in place;
+    returns the shard's file name."""
+    from safetensors.torch import load_file, save_file
+
+    shard = (
+        path / json.loads((path / "model.safetensors.index.json").read_text())["weight_map"][name]
+    )
+    tensors = load_file(shard)
+    edit(tensors)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    return shard.name
 
 
 def save_word_tokenizer(

@@ -3,19 +3,20 @@ the official checkpoint and tokenizer layouts, loader errors, and planning witho
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from hub_sae.models import family, load_base_model
 from hub_sae.models.dream import DreamConfig, load_dream, load_dream_model
 from hub_sae.models.native import INDEX_FILE, rope_cos_sin
 from hub_sae.training.plan import model_shape
-from tests.checkpoints import DREAM_WORDS, write_tiny_dream
+from tests.checkpoints import DREAM_WORDS, edit_shard, write_tiny_dream
 from tests.conftest import ROOT
 
 
@@ -212,35 +213,50 @@ def test_single_file_and_tied_embeddings(tmp_path):
     )
 
 
-def _edit_shard(path: Path, name: str, edit) -> str:
-    shard = path / json.loads((path / INDEX_FILE).read_text())["weight_map"][name]
-    tensors = load_file(shard)
-    edit(tensors)
-    save_file(tensors, shard, metadata={"format": "pt"})
-    return shard.name
-
-
 def test_loader_errors_name_the_tensor_and_the_file(tmp_path):
     name = "model.layers.1.self_attn.k_proj.bias"
     path = write_tiny_dream(tmp_path / "missing")
-    shard = _edit_shard(path, name, lambda t: t.pop(name))
+    shard = edit_shard(path, name, lambda t: t.pop(name))
     with pytest.raises(ValueError, match=rf"{name} \[16\]: not in {shard}"):
         load_dream_model(path)
     path = write_tiny_dream(tmp_path / "shape")
-    shard = _edit_shard(path, name, lambda t: t.update({name: t[name][:-1]}))
+    shard = edit_shard(path, name, lambda t: t.update({name: t[name][:-1]}))
     with pytest.raises(ValueError, match=rf"{name} in {shard} has shape \[15\].*\[16\]"):
         load_dream_model(path)
     path = write_tiny_dream(tmp_path / "extra")
     extra = "model.layers.0.mlp.gate_proj.bias"
-    shard = _edit_shard(path, name, lambda t: t.update({extra: torch.zeros(64)}))
+    shard = edit_shard(path, name, lambda t: t.update({extra: torch.zeros(64)}))
     with pytest.raises(ValueError, match=rf"{shard} holds {extra}, which Dream has no parameter"):
+        load_dream_model(path)
+
+
+def test_shards_may_be_links_but_must_sit_in_the_folder(tmp_path):
+    path = write_tiny_dream(tmp_path / "d")
+    snapshot = tmp_path / "snapshot"  # a hub cache links every file of a snapshot to a blob
+    snapshot.mkdir()
+    for file in path.iterdir():
+        (snapshot / file.name).symlink_to(file)
+    assert load_dream_model(snapshot).config.num_hidden_layers == 3
+    index = json.loads((path / INDEX_FILE).read_text())
+    index["weight_map"]["lm_head.weight"] = "gone.safetensors"
+    (path / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(FileNotFoundError, match="names gone.safetensors, which is missing"):
+        load_dream_model(path)
+    index["weight_map"]["lm_head.weight"] = "../outside.safetensors"
+    (path / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="weight_map of tensor name -> shard file"):
         load_dream_model(path)
 
 
 def test_missing_files_and_bad_configs_are_named(tmp_path):
     path = write_tiny_dream(tmp_path / "d")
     (path / "tokenizer.json").unlink()
-    with pytest.raises(FileNotFoundError, match="no tokenizer.json.*Dream-org/Dream-v0-Base-7B"):
+    with pytest.raises(
+        FileNotFoundError, match="no tokenizer .*vocab.json and merges.txt from Dream"
+    ):
+        load_dream(path)
+    (path / "vocab.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="no tokenizer"):
         load_dream(path)
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").unlink()
@@ -253,6 +269,8 @@ def test_missing_files_and_bad_configs_are_named(tmp_path):
         ({"num_attention_heads": 0}, "num_attention_heads=0"),
         ({"num_key_value_heads": 3}, "divisible"),
         ({"mask_token_id": 24}, "mask_token_id=24"),
+        ({"rope_theta": "1e6"}, "rope_theta > 0"),
+        ({"rms_norm_eps": float("nan")}, "rms_norm_eps in"),
     ]:
         (path / "config.json").write_text(json.dumps({**config, **bad}))
         with pytest.raises(ValueError, match=message):
@@ -292,13 +310,12 @@ def test_official_tokenizer_files_load_without_tokenizer_json(tmp_path):
 
 
 def test_no_code_path_can_ask_to_trust_remote_code():
-    """Remote code is never run or asked about: no module passes trust_remote_code."""
-    sources = [
-        *ROOT.glob("hub_sae/**/*.py"),
-        *ROOT.glob("training/**/*.py"),
-        *ROOT.glob("space/*.py"),
-    ]
-    assert sources and not [p for p in sources if "trust_remote_code" in p.read_text()]
+    """Remote code is never run or asked about: no module passes trust_remote_code (other than
+    False, which makes transformers refuse instead of asking)."""
+    sources = [*ROOT.glob("hub_sae/**/*.py"), *ROOT.glob("training/**/*.py")]
+    sources += ROOT.glob("space/*.py")
+    trusting = re.compile(r"trust_remote_code(?!\s*=\s*False\b)")
+    assert sources and not [p for p in sources if trusting.search(p.read_text())]
 
 
 def test_plan_knows_dream_7b_without_a_download(tiny):

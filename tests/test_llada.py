@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from hub_sae.models import is_llada, load_base_model
 from hub_sae.models.llada import (
@@ -22,6 +21,7 @@ from hub_sae.models.llada import (
 )
 from hub_sae.models.native import INDEX_FILE, apply_rope, rope_cos_sin
 from hub_sae.training.plan import model_shape
+from tests.checkpoints import edit_shard
 
 BLOCK_PARAMS = (
     "attn_norm",
@@ -292,15 +292,6 @@ def test_forward_hook_on_a_block_replaces_resid_post():
     assert seen["resid_post"].shape == (1, 6, 64)
     ln_f, head = model.model.transformer.ln_f, model.model.transformer.ff_out
     torch.testing.assert_close(hooked, head(ln_f(torch.zeros(1, 6, 64))).expand_as(hooked))
-
-
-def edit_shard(path: Path, name: str, edit) -> str:
-    """Apply `edit` to the tensors of the shard holding `name`, in place; returns the shard name."""
-    shard = path / json.loads((path / INDEX_FILE).read_text())["weight_map"][name]
-    tensors = load_file(shard)
-    edit(tensors)
-    save_file(tensors, shard, metadata={"format": "pt"})
-    return shard.name
 
 
 def test_shard_missing_a_tensor_names_it(saved):

@@ -159,7 +159,7 @@ def load_base_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
 ) -> BaseModel:
-    """Load `minilm` (embedded default), a LLaDA or Dream checkpoint (native code) or any HF model."""
+    """Load `minilm` (embedded default), LLaDA or Dream (native code), or any HF model."""
     kind = family(name_or_path)
     if kind == "llada":
         from hub_sae.models.llada import load_llada

@@ -29,8 +29,8 @@ def chat_inputs(
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             f"the tokenizer of {base.name} has no chat template, so it cannot build chat prompts: "
-            "use an instruct model (e.g. GSAI-ML/LLaDA-8B-Instruct, Dream-org/Dream-v0-Instruct-7B) "
-            "or tokenize plain text for a base model"
+            "use an instruct model (e.g. GSAI-ML/LLaDA-8B-Instruct, "
+            "Dream-org/Dream-v0-Instruct-7B) or tokenize plain text for a base model"
         )
     if isinstance(conversations, str) or (conversations and isinstance(conversations[0], Mapping)):
         conversations = [conversations]  # one conversation

@@ -3,9 +3,10 @@
 A Qwen2.5 decoder whose attention is not causal:
 
     x = embed_tokens(input_ids)
-    for each layer:  x = x + o_proj(attention(rope(q), rope(k), v))   on input_layernorm(x)
-                     x = x + down_proj(silu(gate_proj(h)) * up_proj(h)) with h = post_attention_layernorm(x)
-    logits = lm_head(norm(x))                                          unshifted: row i predicts token i + 1
+    for each layer:  x = x + o_proj(attention(rope(q), rope(k), v))  on input_layernorm(x)
+                     x = x + down_proj(silu(gate_proj(h)) * up_proj(h))
+                         with h = post_attention_layernorm(x)
+    logits = lm_head(norm(x))        unshifted: the logits at i predict token i + 1
 
 q/k/v projections carry a bias, keys and values have fewer heads (grouped-query attention), RoPE
 turns pairs (i, i + d/2) with angles computed in float32 and cast to the activations' dtype as in
@@ -18,6 +19,7 @@ forward hook on `model.blocks[i]` can read or replace it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -76,6 +78,12 @@ class DreamConfig:
                 f"({heads}) into an even head width, and num_attention_heads by "
                 f"num_key_value_heads ({kv})"
             )
+        theta, eps = self.rope_theta, self.rms_norm_eps
+        if not (_real(theta) and 0 < theta < math.inf and _real(eps) and 0 <= eps < 1):
+            raise ValueError(
+                f"config.json needs rope_theta > 0 (has {self.rope_theta!r}) and rms_norm_eps in "
+                f"[0, 1) (has {self.rms_norm_eps!r})"
+            )
         ids = ("mask_token_id", "bos_token_id", "eos_token_id", "pad_token_id")
         bad = [
             f"{n}={getattr(self, n)!r}"
@@ -113,6 +121,10 @@ class DreamConfig:
 
 def _whole(value: object, least: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class DreamAttention(nn.Module):
@@ -250,15 +262,16 @@ def save_dream_model(
 def _load_tokenizer(path: Path):
     """tokenizer.json when there is one; else Qwen2's byte-level BPE from vocab.json and
     merges.txt (the official repos ship those for their remote `DreamTokenizer`, a Qwen2 copy)."""
-    if not (path / "tokenizer.json").is_file() and (path / "vocab.json").is_file():
-        from transformers import Qwen2Tokenizer
+    if (path / "tokenizer.json").is_file():
+        return load_tokenizer(path, EXAMPLE)
+    if not ((path / "vocab.json").is_file() and (path / "merges.txt").is_file()):
+        raise FileNotFoundError(
+            f"{path} has no tokenizer (tokenizer.json, or vocab.json and merges.txt): copy "
+            f"tokenizer_config.json, vocab.json and merges.txt from {EXAMPLE}"
+        )
+    from transformers import Qwen2Tokenizer
 
-        if not (path / "merges.txt").is_file():
-            raise FileNotFoundError(
-                f"{path} has vocab.json but no merges.txt: copy both from {EXAMPLE}"
-            )
-        return Qwen2Tokenizer.from_pretrained(path)
-    return load_tokenizer(path, EXAMPLE)
+    return Qwen2Tokenizer.from_pretrained(path)
 
 
 def load_dream(

@@ -3,7 +3,6 @@ loading or saving an official safetensors checkpoint (one file, or shards with a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -13,6 +12,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from hub_sae.io import HubOptions, local_path, write_json
+from hub_sae.models import _read_config
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -69,14 +69,12 @@ def checkpoint_dir(name_or_path: str | Path) -> Path:
         return path
     return HubOptions().snapshot(
         str(name_or_path),
-        allow_patterns=["*.json", "*.safetensors", "tokenizer*", "vocab.json", "merges.txt"],
+        allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "merges.txt"],
     )
 
 
 def read_config(path: Path, what: str) -> dict:
     """The config.json dict of checkpoint folder `path` (`what` names the model for the error)."""
-    from hub_sae.models import _read_config
-
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"{path} has no config.json: a {what} checkpoint folder holds config.json and "
@@ -88,9 +86,10 @@ def read_config(path: Path, what: str) -> dict:
 def _shard_files(path: Path) -> tuple[list[Path], dict[str, str]]:
     """The safetensors files of a checkpoint folder and the index's tensor -> file map (or {})."""
     if (path / INDEX_FILE).is_file():
-        weight_map = json.loads((path / INDEX_FILE).read_text()).get("weight_map")
+        weight_map = _read_config(path / INDEX_FILE).get("weight_map")
+        # shard names are plain file names in `path` (hub caches link them to blobs elsewhere)
         if not isinstance(weight_map, dict) or not all(
-            isinstance(f, str) and (path / f).resolve().parent == path.resolve()
+            isinstance(f, str) and f not in ("", ".", "..") and Path(f).name == f
             for f in weight_map.values()
         ):
             raise ValueError(

@@ -2,13 +2,12 @@
 
 `plan(cfg, processes)` loads no weights and downloads nothing: the base model's size comes from its
 config.json (local folder, the Hugging Face cache, or the embedded MiniLM), built on the meta
-device, or from the known shapes of GSAI-ML/LLaDA-8B-Base and Dream-org/Dream-v0-Base-7B. The trainer checks it against the
-device's free memory before it loads the model.
+device, or from the known shapes of GSAI-ML/LLaDA-8B-Base and Dream-org/Dream-v0-Base-7B. The
+trainer checks it against the device's free memory before it loads the model.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -17,7 +16,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
-from hub_sae.models import DEFAULT_MODEL, family_of_config
+from hub_sae.models import DEFAULT_MODEL, _read_config, family_of_config
 from hub_sae.training.config import DISTRIBUTE, TrainConfig
 from hub_sae.training.saes import placement, sae_numel
 
@@ -93,7 +92,7 @@ def model_shape(name: str) -> ModelShape:
             f"cannot plan for {name}: its config.json is neither local nor in the Hugging Face "
             f"cache; fetch it first (`hf download {name} config.json`) or pass a local folder."
         )
-    config = json.loads(path.read_text()) if path else {}
+    config = _read_config(path) if path else {}
     kind = family_of_config(config, str(path)) if path else KNOWN[name]
     with torch.device("meta"):
         if kind == "llada":
@@ -109,11 +108,8 @@ def model_shape(name: str) -> ModelShape:
             n_layers = dream.num_hidden_layers
         else:
             hf = AutoConfig.from_pretrained(path.parent)
-            model, d_model, n_layers = (
-                _hf_model(hf, path.parent),
-                hf.hidden_size,
-                hf.num_hidden_layers,
-            )
+            model = _hf_model(hf, path.parent)
+            d_model, n_layers = hf.hidden_size, hf.num_hidden_layers
     return ModelShape(sum(p.numel() for p in model.parameters()), d_model, n_layers)
 
 
