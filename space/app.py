@@ -22,7 +22,7 @@ from collections.abc import Callable
 import gradio as gr
 import pandas as pd
 import views
-from explorer import SAMPLERS, Analysis, DecodeRun, Explorer, InputError, finite
+from explorer import SAMPLERS, Analysis, DecodeRun, Explorer, InputError, Sampling, finite
 
 from hub_sae.diffusion import ALGS, REMASKING, Steer
 
@@ -133,12 +133,12 @@ def _run(
     share: float,
     positions: str,
     sampler: str | None = None,
-    temperature: float | None = 0.0,
-    remasking: str = "low_confidence",
-    alg: str = "entropy",
-    alg_temp: float | None = 0.0,
-    top_p: float | None = 1.0,
-    top_k: float | None = 0,
+    temperature: float | None = Sampling.temperature,
+    remasking: str = Sampling.remasking,
+    alg: str = Sampling.alg,
+    alg_temp: float | None = Sampling.alg_temp,
+    top_p: float | None = Sampling.top_p,
+    top_k: float | None = Sampling.top_k,
     chat: str | None = "",
     answer: float | None = 16,
 ) -> DecodeRun:
@@ -281,7 +281,7 @@ def decode_tab(explorer: Explorer, inputs: list[gr.Component], explored: gr.Numb
         alg = gr.Dropdown(list(ALGS), value=default.alg, label="alg")
         alg_temp = gr.Number(value=default.alg_temp, label="alg_temp (0: most confident first)")
         top_p = gr.Number(value=default.top_p, label="top_p (1: every token)")
-        top_k = gr.Number(value=0, label="top_k (0: every token)")
+        top_k = gr.Number(value=default.top_k or 0, label="top_k (0: every token)")
     sampler.change(
         lambda name: (gr.Row(visible=name == "llada"), gr.Row(visible=name == "dream")),
         sampler,

@@ -356,13 +356,13 @@ class Explorer:
     def sampling(
         self,
         sampler: str | None = None,
-        steps: object = 8,
-        temperature: object = 0.0,
-        remasking: str = "low_confidence",
-        alg: str = "entropy",
-        alg_temp: object = 0.0,
-        top_p: object = 1.0,
-        top_k: object = 0,
+        steps: object = Sampling.steps,
+        temperature: object = Sampling.temperature,
+        remasking: str = Sampling.remasking,
+        alg: str = Sampling.alg,
+        alg_temp: object = Sampling.alg_temp,
+        top_p: object = Sampling.top_p,
+        top_k: object = Sampling.top_k,
     ) -> Sampling:
         """Checked sampler options (sampler None: the family's default; alg_temp, top_p None: off;
         top_k None or 0: every token)."""
