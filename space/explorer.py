@@ -463,12 +463,13 @@ class Explorer:
         if not message.strip():
             raise InputError("Write a chat message first.")
         prompt = chat_inputs(self.base, message)[0][0].cpu().tolist()
-        if len(prompt) >= self.max_tokens:
+        limit = min(self.max_tokens, self.base.max_length)
+        if len(prompt) >= limit:
             raise InputError(
                 f"The chat prompt is {len(prompt)} tokens long; this Space decodes at most "
-                f"{self.max_tokens} with the answer. Shorten the message."
+                f"{limit} with the answer. Shorten the message."
             )
-        answer = whole_number("Answer tokens", answer, self.max_tokens - len(prompt), 1)
+        answer = whole_number("Answer tokens", answer, limit - len(prompt), 1)
         ids = torch.tensor([*prompt, *[self.base.mask_token_id] * answer])
         is_masked = torch.arange(len(ids)) >= len(prompt)
         selected = select_positions(is_masked[None], None, self.policy)[0]

@@ -591,7 +591,7 @@ def test_chat_box_appends_masked_answer_tokens_after_the_chat_prompt(dream, llad
     assert [label for _, label in plain] == [None] * len(chat_ids) + ["generated"] * 3
     assert "<|mask|>" not in "".join(token for token, _ in plain)
     assert "<|im_start|>" in plain[0][0] and frame.data.shape == (2, len(chat_ids) + 3 + 1)
-    for answer in (0, "x", 2.5, 10_000):
+    for answer in (0, "x", 2.5, 64 - len(chat_ids) + 1, 10_000):  # 64: the model's context
         with pytest.raises(gr.Error, match="Answer tokens must be a whole number between 1 and"):
             app.decode(dream, *args, "entropy", None, None, None, "hello world", answer)
     with pytest.raises(gr.Error, match="has no chat template"):
