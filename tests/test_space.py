@@ -591,6 +591,12 @@ def test_chat_box_appends_masked_answer_tokens_after_the_chat_prompt(dream, llad
     assert [label for _, label in plain] == [None] * len(chat_ids) + ["generated"] * 3
     assert "<|mask|>" not in "".join(token for token, _ in plain)
     assert "<|im_start|>" in plain[0][0] and frame.data.shape == (2, len(chat_ids) + 3 + 1)
+    steer = app.parse_steer(1, 0, 1.0, "clamp", 1.0, "masked")
+    run = dream.decode("", 0.0, 0, dream.sampling("dream", 2), steer, "hello world", 3)
+    mask = dream.base.mask_token_id
+    assert run.prompt.input_ids.tolist() == chat_ids + [mask] * 3  # what the model reads
+    expected = diffusion_generate(dream.base, torch.tensor([chat_ids]), 3, 2, alg="entropy")
+    assert torch.equal(run.plain.tokens, expected.tokens)
     for answer in (0, "x", 2.5, 64 - len(chat_ids) + 1, 10_000):  # 64: the model's context
         with pytest.raises(gr.Error, match="Answer tokens must be a whole number between 1 and"):
             app.decode(dream, *args, "entropy", None, None, None, "hello world", answer)
