@@ -221,6 +221,8 @@ def by_t_table(metrics: dict[tuple[int, int], dict]) -> str:
 
 def _corruption_text(run: dict) -> str:
     """The corruption schedule of a run config, in words."""
+    if run.get("policy") == "clean":
+        return "none: the clean policy reads uncorrupted text"
     if run["schedule"] == "llada":
         return (
             "LLaDA's pretraining process: per sequence t ~ U(0, 1), mask probability "

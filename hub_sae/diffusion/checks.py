@@ -39,7 +39,13 @@ def check_prompt(
     base: BaseModel, ids: Tensor, new_tokens: int, attention_mask: Tensor | None, name: str
 ) -> None:
     """Refuse a prompt that is not [B, P] token ids, does not fit the model with `new_tokens`
-    more, or whose attention_mask is not [B, P]."""
+    more, or whose attention_mask is not [B, P]; and a model without a mask token."""
+    if base.mask_token_id is None:
+        raise ValueError(
+            f"{base.name} ({base.family} family) has no mask token, so there is nothing to "
+            "denoise: the diffusion samplers need a masked LM (families llada, dream, mlm); "
+            "decode an autoregressive model with its own `generate`."
+        )
     if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.is_floating_point() or not ids.numel():
         raise ValueError(
             f"{name} must be a non-empty [batch, length] tensor of token ids; got "

@@ -46,7 +46,10 @@ class TrainConfig:
         metadata={"help": "blocks whose resid_post is hooked, e.g. --layers 1 3"},
     )
     policy: str = field(
-        default="mask", metadata={"help": "positions kept: mask, unmask, all or clean"}
+        default="mask",
+        metadata={
+            "help": "positions kept: mask, unmask, all or clean (autoregressive models: clean only)"
+        },
     )
     schedule: str = field(
         default="dlm_scope",
@@ -215,7 +218,7 @@ class TrainConfig:
 
     def check(self, base: BaseModel) -> None:
         """What needs the base model; stops with a clear message before anything is written."""
-        check_policy(self.policy)
+        check_policy(self.policy, base.family)
         Corruption(self.schedule, self.t_min, self.t_max)
         check_layers(base, self.layers)
         d_sae = self.latents(base.d_model)

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
 from hub_sae.models import DEFAULT_MODEL, _read_config, family_of_config
 from hub_sae.training.config import DISTRIBUTE, TrainConfig
@@ -107,8 +107,9 @@ def model_shape(name: str) -> ModelShape:
             model, d_model = DreamModel(dream), dream.hidden_size
             n_layers = dream.num_hidden_layers
         else:
-            hf = AutoConfig.from_pretrained(path.parent)
-            model = _hf_model(hf, path.parent)
+            hf = AutoConfig.from_pretrained(path.parent, trust_remote_code=False)
+            ar = kind == "ar"  # load_hf's causal LM, with its head
+            model = AutoModelForCausalLM.from_config(hf) if ar else _hf_model(hf, path.parent)
             d_model, n_layers = hf.hidden_size, hf.num_hidden_layers
     return ModelShape(sum(p.numel() for p in model.parameters()), d_model, n_layers)
 
