@@ -24,16 +24,14 @@ from hub_sae.diffusion import (  # noqa: E402
     generate,
     masked_log_likelihood,
 )
-from hub_sae.models import BaseModel, load_base_model  # noqa: E402
 from hub_sae.models.chat import chat_inputs  # noqa: E402
 from hub_sae.models.llada import save_llada_model  # noqa: E402
 from hub_sae.sae import TopKSAE  # noqa: E402
 from hub_sae.suite import SuiteInfo, save_suite  # noqa: E402
 from tests.checkpoints import (  # noqa: E402
-    DREAM_SPECIAL,
-    DREAM_WORDS,
-    save_word_tokenizer,
     write_tiny_dream,
+    write_tiny_modernbert,
+    write_tiny_qwen2,
 )
 from tests.test_diffusion import LLADA_MASK, save_llada_tokenizer  # noqa: E402
 from tests.test_formats import populate_hub_cache, raw_weights, write_dictionary_learning  # noqa: E402
@@ -419,66 +417,33 @@ def test_main_serves_on_localhost_7860_by_default(monkeypatch, explorer):
 # --- every family: a tiny Dream (Dream's sampler, chat), mask text, the autoregressive baseline --
 
 
-@pytest.fixture(scope="module")
-def dream(tmp_path_factory) -> Explorer:
-    root = tmp_path_factory.mktemp("dream")
-    write_tiny_dream(root / "model")
+def tiny_suite(root: Path, model: Path, policy: str, layers=(1, 2), d_in: int = 32) -> Explorer:
+    """Random TopK SAEs (d_sae 64, k 4) on `layers` of the model at `model`, saved as a suite."""
     torch.manual_seed(0)
-    saes = {(layer, 4): TopKSAE(32, 64, 4, layer=layer) for layer in (1, 2)}
-    info = SuiteInfo(str(root / "model"), "mask", layers=[1, 2], ks=[4], d_in=32, d_sae=64)
+    saes = {(layer, 4): TopKSAE(d_in, 64, 4, layer=layer) for layer in layers}
+    info = SuiteInfo(str(model), policy, layers=list(layers), ks=[4], d_in=d_in, d_sae=64)
     save_suite(root / "suite", saes, {}, info)
     return Explorer.load(str(root / "suite"), device="cpu")
 
 
 @pytest.fixture(scope="module")
-def qwen(tmp_path_factory) -> Explorer:
-    """A tiny random Qwen2 causal LM (family ar: no mask token) and a clean-policy SAE."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+def dream(tmp_path_factory) -> Explorer:
+    root = tmp_path_factory.mktemp("dream")
+    return tiny_suite(root, write_tiny_dream(root / "model"), "mask")
 
-    path = tmp_path_factory.mktemp("qwen")
-    save_word_tokenizer(path, DREAM_WORDS, DREAM_SPECIAL, eos_token="<|endoftext|>")
-    config = Qwen2Config(
-        vocab_size=len(DREAM_WORDS),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config).eval()
-    eos = DREAM_WORDS.index("<|endoftext|>")
-    base = BaseModel(
-        str(path), model, AutoTokenizer.from_pretrained(path), model.model.layers, None, eos, eos,
-        has_lm_head=True, max_length=64, family="ar",
-    )  # fmt: skip
-    sae = TopKSAE(32, 64, 4, layer=1).requires_grad_(False)
-    return Explorer(base, {1: sae}, "clean", {1: None}, "qwen-tiny")
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory) -> Explorer:
+    """A tiny random Qwen2 causal LM (family ar: no mask token) with clean-policy SAEs."""
+    root = tmp_path_factory.mktemp("qwen")
+    return tiny_suite(root, write_tiny_qwen2(root / "model"), "clean")
 
 
 @pytest.fixture(scope="module")
 def modernbert(tmp_path_factory) -> Explorer:
-    """A tiny random ModernBERT masked LM (family mlm) loaded by `load_base_model`."""
-    from transformers import ModernBertConfig, ModernBertForMaskedLM
-
-    path = tmp_path_factory.mktemp("modernbert")
-    words = ["[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]", "the", "cat", "sat", "on", "mat"]
-    save_word_tokenizer(
-        path, words, words[:4], prefix="[CLS]",
-        pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-    )  # fmt: skip
-    config = ModernBertConfig(
-        vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=64, pad_token_id=0, cls_token_id=1,
-        sep_token_id=2, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    ModernBertForMaskedLM(config).save_pretrained(path)
-    base = load_base_model(str(path))
-    assert base.family == "mlm" and base.has_lm_head
-    sae = TopKSAE(32, 64, 4, layer=1).requires_grad_(False)
-    return Explorer(base, {1: sae}, "mask", {1: None}, "modernbert-tiny")
+    """A tiny random ModernBERT masked LM (family mlm)."""
+    root = tmp_path_factory.mktemp("modernbert")
+    return tiny_suite(root, write_tiny_modernbert(root / "model"), "mask")
 
 
 DREAM_PROMPT = "the cat <|mask|> <|mask|> on the mat"
@@ -605,30 +570,25 @@ def test_chat_box_appends_masked_answer_tokens_after_the_chat_prompt(dream, llad
 
 
 def test_autoregressive_model_explores_clean_text_and_refuses_to_decode(qwen):
+    text = "Return the value of the named attribute."
     info, position, table, feature, heat, summary, contexts, lens = app.analyse(
-        qwen, "the cat sat on the mat", 1, 0.0, 0
+        qwen, text, 1, 0.0, 0
     )
-    assert [score is not None for _, score in heat] == [False] + [True] * 6
-    assert "6 analysed" in info and len(lens) == 10
+    assert qwen.base.family == "ar" and qwen.policy == "clean" and len(heat) > 5
+    assert [score is not None for _, score in heat] == [False] + [True] * (len(heat) - 1)
+    assert f"{len(heat) - 1} analysed" in info and len(lens) == 10
     with pytest.raises(gr.Error, match="no mask token, so its SAEs read clean text only. Set the"):
-        app.analyse(qwen, "the cat sat", 1, 0.5, 0)
-    with pytest.raises(
-        gr.Error, match="autoregressive model \\(family ar\\): it has no mask token"
-    ):
-        app.decode(qwen, "the cat sat", 1, 0.0, 0, 2, 0, 1.0, "clamp", 1.0, "masked")
+        app.analyse(qwen, text, 1, 0.5, 0)
+    with pytest.raises(gr.Error, match=r"autoregressive model \(family ar\): it has no mask token"):
+        app.decode(qwen, text, 1, 0.0, 0, 2, 0, 1.0, "clamp", 1.0, "masked")
     demo = app.build_app(qwen)
     page = gradio_strings(demo)
     assert "no mask token to denoise" in page and "clean text only" in page
     demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True)
     try:
         client = Client(demo.local_url, verbose=False)
-        assert (
-            "/decode"
-            not in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-        )
-        assert (
-            "6 analysed"
-            in client.predict("the cat sat on the mat", 1, 0.0, 0, api_name="/analyze")[0]
-        )
+        endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+        remote = client.predict(text, 1, 0.0, 0, api_name="/analyze")[0]
     finally:
         demo.close()
+    assert "/decode" not in endpoints and "/analyze" in endpoints and remote == info
