@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
@@ -437,6 +438,18 @@ def evaluate_suite(
     return metrics
 
 
+def heldout_tokens(base: BaseModel, data: DataConfig, limit: int) -> int:
+    """Tokens in one pass over `data` (full batches), counted until `limit`."""
+    tokens = 0
+    for _, attention_mask in token_batches(
+        data, base.tokenizer, base.bos_token_id, base.eos_token_id
+    ):
+        tokens += int(attention_mask.sum())
+        if tokens >= limit:
+            break
+    return tokens
+
+
 def _previous_metrics(path: Path) -> dict:
     """A layer's metrics.json before re-evaluation ({} when absent); a clear error when unreadable."""
     if not path.is_file():
@@ -463,8 +476,26 @@ def evaluate_saved_suite(
 
     Writes each layer's metrics.json (keys not measured here, e.g. `train_dead_share`, are kept)
     and the summary metrics.json at the root, only once every SAE is evaluated; returns the metrics
-    per (layer, k). Nothing is read or written outside `root`.
+    per (layer, k). Nothing is read or written outside `root`. The suite's lock (the trainer's run
+    lock) is held throughout: a run rewriting it, or another writer, stops the evaluation at once.
     """
+    from hub_sae.io import folder_lock
+
+    fix = "a training run or another command is writing it: wait for it to finish, then evaluate."
+    with folder_lock(root, fix):
+        return _evaluate_saved_suite(root, max_tokens, device, dtype, corpus, split, seed)
+
+
+def _evaluate_saved_suite(
+    root: Path,
+    max_tokens: int | None,
+    device: str,
+    dtype: str | None,
+    corpus: str | None,
+    split: str | None,
+    seed: int,
+) -> dict[tuple[int, int], dict]:
+    """`evaluate_saved_suite`, under the suite's lock."""
     from hub_sae.io import write_json
     from hub_sae.suite import DTYPES, layer_folders, read_suite
 
@@ -482,6 +513,27 @@ def evaluate_saved_suite(
     folders = layer_folders(root, info)
     previous = {key: _previous_metrics(folder / "metrics.json") for key, folder in folders.items()}
     base = load_base_model(info.base_model, dtype=getattr(torch, dtype), device=device)
+    if data.ctx_len > base.max_length:
+        raise ValueError(
+            f"{root / 'suite.json'}: `training.ctx_len` {data.ctx_len} exceeds "
+            f"{info.base_model}'s maximum of {base.max_length} tokens; set it to "
+            f"{base.max_length} or less (the trainer refuses longer contexts too)."
+        )
+    split_tokens = heldout_tokens(base, data, max_tokens)
+    if split_tokens == 0:
+        raise ValueError(
+            f"the held-out split ({data.corpus!r}, {data.split}) holds less than one batch of "
+            f"{data.batch_size} x {data.ctx_len} tokens; give a larger corpus with --corpus."
+        )
+    if split_tokens < max_tokens:  # more would only recycle the same text with new masks
+        print(
+            f"note: the held-out split ({data.corpus!r}, {data.split}) has {split_tokens:,} "
+            f"tokens in full batches of {data.batch_size} x {data.ctx_len}, fewer than "
+            f"--max-tokens {max_tokens:,}: evaluating {split_tokens:,}. Give a larger corpus "
+            "(--corpus) to measure more.",
+            file=sys.stderr,
+        )
+        max_tokens = split_tokens
     saes = {
         key: TopKSAE.from_pretrained(folder, device=device).eval()
         for key, folder in folders.items()

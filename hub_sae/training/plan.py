@@ -20,9 +20,26 @@ from hub_sae.models import DEFAULT_MODEL, _read_config, family_of_config
 from hub_sae.training.config import DISTRIBUTE, TrainConfig
 from hub_sae.training.saes import placement, sae_numel
 
-KNOWN = {"GSAI-ML/LLaDA-8B-Base": "llada", "Dream-org/Dream-v0-Base-7B": "dream"}
-"""Planned from the defaults of hub_sae's LLaDAConfig / DreamConfig (their config.json) when no
-config.json is at hand."""
+QWEN2_5_7B = {
+    "model_type": "qwen2",
+    "architectures": ["Qwen2ForCausalLM"],
+    "vocab_size": 152064,
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 131072,
+    "tie_word_embeddings": False,
+}
+"""The shape keys of Qwen/Qwen2.5-7B's config.json (DLM-Scope's autoregressive baseline)."""
+KNOWN = {
+    "GSAI-ML/LLaDA-8B-Base": {"model_type": "llada"},
+    "Dream-org/Dream-v0-Base-7B": {"model_type": "Dream"},
+    "Qwen/Qwen2.5-7B": QWEN2_5_7B,
+}
+"""config.json of the models planned without it at hand (LLaDA and Dream: the defaults of hub_sae's
+LLaDAConfig / DreamConfig, which are theirs)."""
 FLOAT = 4
 ADAM_STEP = 4
 """torch's Adam keeps a float32 step counter per parameter tensor."""
@@ -92,8 +109,8 @@ def model_shape(name: str) -> ModelShape:
             f"cannot plan for {name}: its config.json is neither local nor in the Hugging Face "
             f"cache; fetch it first (`hf download {name} config.json`) or pass a local folder."
         )
-    config = _read_config(path) if path else {}
-    kind = family_of_config(config, str(path)) if path else KNOWN[name]
+    config = _read_config(path) if path else KNOWN[name]
+    kind = family_of_config(config, str(path or name))
     with torch.device("meta"):
         if kind == "llada":
             from hub_sae.models.llada import LLaDAConfig, LLaDAModelLM
@@ -107,7 +124,10 @@ def model_shape(name: str) -> ModelShape:
             model, d_model = DreamModel(dream), dream.hidden_size
             n_layers = dream.num_hidden_layers
         else:
-            hf = AutoConfig.from_pretrained(path.parent, trust_remote_code=False)
+            if path is None:
+                hf = AutoConfig.for_model(**config)
+            else:
+                hf = AutoConfig.from_pretrained(path.parent, trust_remote_code=False)
             ar = kind == "ar"  # load_hf's causal LM, with its head
             model = AutoModelForCausalLM.from_config(hf) if ar else _hf_model(hf, path.parent)
             d_model, n_layers = hf.hidden_size, hf.num_hidden_layers
