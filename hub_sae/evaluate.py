@@ -18,7 +18,6 @@ embedded default (MiniLM) gets a fitted unmasking head (`models.unmasking`) so i
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import sys
 from dataclasses import asdict
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 
 from hub_sae.activations import capture, harvest_text, splice
 from hub_sae.data import DataConfig, token_batches
+from hub_sae.io import read_json_object
 from hub_sae.masking import CorruptedBatch, Corruption, check_policy, corrupt
 from hub_sae.models import BaseModel, family, load_base_model
 from hub_sae.models.unmasking import with_unmasking_head
@@ -454,13 +454,7 @@ def _previous_metrics(path: Path) -> dict:
     """A layer's metrics.json before re-evaluation ({} when absent); a clear error when unreadable."""
     if not path.is_file():
         return {}
-    try:
-        previous = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); delete it and evaluate again.") from None
-    if not isinstance(previous, dict):
-        raise ValueError(f"{path} holds no JSON object; delete it and evaluate again.")
-    return previous
+    return read_json_object(path, "delete it and evaluate again.")
 
 
 def evaluate_saved_suite(

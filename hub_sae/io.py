@@ -309,3 +309,17 @@ class HubOptions:
     def file(self, repo_id: str, filename: str) -> Path:
         """One file of `repo_id`, downloaded (or cached)."""
         return Path(hf_hub_download(repo_id, filename, **asdict(self)))
+
+
+def read_json_object(path: str | Path, fix: str, error: type[ValueError] = ValueError) -> dict:
+    """The JSON object in the file `path`, else `error` naming the file, what is wrong and `fix`:
+    invalid UTF-8 or JSON, nesting too deep, a number beyond Python's digit limit, no object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except RecursionError:
+        raise error(f"{path} is nested too deeply to read; {fix}") from None
+    except (UnicodeDecodeError, ValueError) as e:  # ValueError: JSON, or an int's digits
+        raise error(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} holds a JSON {type(data).__name__}, not a JSON object; {fix}")
+    return data

@@ -11,14 +11,13 @@ layer_{L}/k_{k}/...             the same, when a layer has several k
 
 from __future__ import annotations
 
-import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hub_sae.data import DataConfig
 from hub_sae.features import FEATURES_FILE, FeatureStats, save_features
-from hub_sae.io import inside, is_int, write_folder, write_json
+from hub_sae.io import inside, is_int, read_json_object, write_folder, write_json
 from hub_sae.masking import POLICIES, Corruption
 
 if TYPE_CHECKING:  # sae.py loads through formats.py, which reads suites: no import back
@@ -209,16 +208,8 @@ def read_suite(root: str | Path) -> SuiteInfo:
         raise FileNotFoundError(
             f"{path} not found: {root} is not a hub-sae suite (train one first)."
         )
-    try:
-        data = json.loads(inside(root, SUITE_FILE).read_text(encoding="utf-8"))
-    except RecursionError:
-        raise SuiteError(
-            f"{path} is nested too deeply to read; restore it or train the suite again."
-        ) from None
-    except (UnicodeDecodeError, ValueError) as e:  # ValueError: JSON, or an int's digits
-        raise SuiteError(
-            f"{path} is not valid JSON ({e}); restore it or train the suite again."
-        ) from None
+    fix = "restore it or train the suite again."
+    data = read_json_object(inside(root, SUITE_FILE), fix, SuiteError)
     return SuiteInfo.from_dict(data, path)
 
 

@@ -58,7 +58,7 @@ def test_save_suite_refuses_saes_that_do_not_match_the_info(tmp_path: Path) -> N
     [
         ("{not json", "is not valid JSON"),
         (b"\xff\xfe\x00binary", "is not valid JSON"),
-        ([1, 2], "expected a JSON object"),
+        ([1, 2], "holds a JSON list, not a JSON object"),
         ({**INFO, "ks": [8, "16/../../../../victim"]}, "`ks` holds \\['16/../../../../victim'\\]"),
         ({**INFO, "layers": [1.5]}, "`layers` holds \\[1.5\\]"),
         ({**INFO, "ks": [True]}, "`ks` holds \\[True\\]"),

