@@ -154,6 +154,8 @@ def test_cli_overrides_the_config_file() -> None:
         (["--total_tokens", "100"], "--total_tokens 100 is less than one SAE batch"),
         (["--name", "."], "--name '.': a run name is letters"),
         (["--name", "../../x"], "--name '../../x': a run name is letters"),
+        (["--name", "checkpoints"], "--name 'checkpoints' is reserved.*--name checkpoints-run"),
+        (["--name", "Logs"], "--name 'Logs' is reserved: .*OUTPUT_DIR/logs/"),
         (["--distribute", "shards"], "--distribute must be modules or replicate"),
         (["--sae_autocast", "fp16"], "--sae_autocast must be no or bfloat16; got 'fp16'"),
         (["--layers", "[1,3]"], "--layers: invalid int value"),

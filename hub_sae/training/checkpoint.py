@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 
 from hub_sae.io import writing
-from hub_sae.training.config import TrainConfig
+from hub_sae.training.config import CHECKPOINTS, TrainConfig
 
 
 @dataclass
@@ -35,7 +35,7 @@ class TrainState:
 
 
 def checkpoint_root(cfg: TrainConfig) -> Path:
-    return Path(cfg.output_dir) / "checkpoints" / cfg.name
+    return Path(cfg.output_dir) / CHECKPOINTS / cfg.name
 
 
 def latest_checkpoint(cfg: TrainConfig) -> Path | None:

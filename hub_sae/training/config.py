@@ -26,13 +26,19 @@ RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 DISTRIBUTE = ("modules", "replicate")
 DTYPES = ("float32", "bfloat16", "float16")
 SAE_AUTOCAST = ("no", "bfloat16")
+CHECKPOINTS, LOGS = "checkpoints", "logs"
+RESERVED_NAMES = (CHECKPOINTS, LOGS)
+"""Folders the trainer itself keeps in OUTPUT_DIR (its temp folders and locks start with '.')."""
 
 
 @dataclass
 class TrainConfig:
     name: str = field(
         default="minilm-mask",
-        metadata={"help": "run name (letters, digits, . _ -): the suite goes to OUTPUT_DIR/NAME/"},
+        metadata={
+            "help": "run name (letters, digits, . _ -; not checkpoints or logs): the suite goes "
+            "to OUTPUT_DIR/NAME/"
+        },
     )
     model: str = field(
         default="minilm",
@@ -150,6 +156,12 @@ class TrainConfig:
             raise ValueError(
                 f"--name {self.name!r}: a run name is letters, digits, '.', '_' and '-', starting "
                 "with a letter or digit (no '/'); e.g. --name minilm-mask"
+            )
+        if self.name.lower() in RESERVED_NAMES:
+            raise ValueError(
+                f"--name {self.name!r} is reserved: the trainer keeps OUTPUT_DIR/{self.name.lower()}/ "
+                f"for every run ({', '.join(RESERVED_NAMES)} are taken); pick another, e.g. "
+                f"--name {self.name}-run"
             )
         positive = ("total_tokens", "sae_batch_size", "buffer_tokens", "ctx_len", "llm_batch_size")
         for name in (*positive, "reuse_activations", "log_every", "expansion_factor"):

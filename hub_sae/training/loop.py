@@ -36,7 +36,7 @@ from hub_sae.training.checkpoint import (
     save_checkpoint,
     trainer_state,
 )
-from hub_sae.training.config import TrainConfig
+from hub_sae.training.config import LOGS, TrainConfig
 from hub_sae.training.plan import check_fits
 from hub_sae.training.saes import (
     Key,
@@ -97,7 +97,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
 
 def start(cfg: TrainConfig) -> Accelerator:
     """The accelerator, after the checks that need no model: precision and the memory plan."""
-    accelerator = Accelerator(log_with=cfg.log_with or None, project_dir=cfg.output_dir)
+    # trackers write under OUTPUT_DIR/logs/NAME/, never into the suite folder the run replaces
+    logs = Path(cfg.output_dir) / LOGS
+    accelerator = Accelerator(log_with=cfg.log_with or None, project_dir=logs)
     if accelerator.mixed_precision != "no":
         raise ValueError(
             f"--mixed_precision {accelerator.mixed_precision}: the SAEs train in float32 and the "
