@@ -20,7 +20,7 @@ from hub_sae.training import TrainConfig, parse_args, train
 from hub_sae.training.loop import lr_schedule
 from hub_sae.training.plan import check_fits, model_shape, plan, plan_mode
 from hub_sae.training.saes import SAESet, geometric_median, owners
-from hub_sae.training.stream import ActivationStream
+from hub_sae.training.stream import EMPTY_BATCHES, ActivationStream
 from tests.conftest import ROOT, TINY_RUN, finish, launch, wait_gone, workers
 
 
@@ -96,6 +96,15 @@ def test_stream_state_resumes_the_exact_batches(minilm, reuse: int) -> None:
         torch.testing.assert_close(next(again), batch, rtol=0, atol=0)
 
 
+def test_stream_stops_when_no_position_is_selected(minilm) -> None:
+    """t_max 1e-30 passes the config check but masks nothing: the stream names it, never hangs."""
+    run = {**TINY_RUN, "ctx_len": 8, "llm_batch_size": 1, "t_min": 0.0, "t_max": 1e-30}
+    stream = ActivationStream(minilm, TrainConfig(**run), rank=0, world=1)
+    with pytest.raises(RuntimeError, match="100 LLM batches in a row .* gave no activation"):
+        next(iter(stream))
+    assert stream.batches_read == EMPTY_BATCHES
+
+
 def test_reuse_activations_replays_kept_ones(minilm) -> None:
     """reuse 2 harvests half the activations and replays them, each row seen about twice."""
     read, rows = {}, {}
@@ -167,6 +176,8 @@ def test_cli_overrides_the_config_file() -> None:
         (["--beta2", "1"], r"--beta2 must lie in \[0, 1\)"),
         (["--auxk_alpha", "-1"], "--auxk_alpha must be 0 or a positive finite number"),
         (["--k_aux", "0"], r"--k_aux must be at least 1 \(or unset\)"),
+        (["--t_min", "0", "--t_max", "0"], "policy 'mask' with t_max 0 masks no position"),
+        (["--policy", "unmask", "--t_min", "1", "--t_max", "1"], "lower --t_min"),
     ],
 )
 def test_bad_command_line_values_name_the_option(capsys, argv: list[str], message: str) -> None:

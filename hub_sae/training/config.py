@@ -18,7 +18,7 @@ from transformers import HfArgumentParser
 
 from hub_sae.activations import check_layers
 from hub_sae.data import DataConfig, iter_texts
-from hub_sae.masking import Corruption, check_policy
+from hub_sae.masking import Corruption, check_selects
 from hub_sae.models import BaseModel
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "training" / "configs" / "minilm-mask.yaml"
@@ -218,6 +218,7 @@ class TrainConfig:
                 )
         if not 0 <= self.decay_fraction <= 1:
             raise ValueError(f"--decay_fraction must lie in [0, 1]; got {self.decay_fraction}.")
+        check_selects(self.policy, self.corruption)  # also checks the policy and the schedule
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> TrainConfig:
@@ -227,8 +228,6 @@ class TrainConfig:
 
     def check(self, base: BaseModel) -> None:
         """What needs the base model; stops with a clear message before anything is written."""
-        check_policy(self.policy)
-        Corruption(self.schedule, self.t_min, self.t_max)
         check_layers(base, self.layers)
         d_sae = self.latents(base.d_model)
         if any(not 0 < k < d_sae for k in self.ks):
