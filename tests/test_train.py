@@ -176,6 +176,8 @@ def test_cli_overrides_the_config_file() -> None:
         (["--beta2", "1"], r"--beta2 must lie in \[0, 1\)"),
         (["--auxk_alpha", "-1"], "--auxk_alpha must be 0 or a positive finite number"),
         (["--k_aux", "0"], r"--k_aux must be at least 1 \(or unset\)"),
+        (["--eval_tokens", "0"], "--eval_tokens must be at least 1; got 0"),
+        (["--dead_tokens", "0"], "--dead_tokens 0 is less than one SAE batch .* raise it"),
         (["--t_min", "0", "--t_max", "0"], "policy 'mask' with t_max 0 masks no position"),
         (["--policy", "unmask", "--t_min", "1", "--t_max", "1"], "lower --t_min"),
     ],
@@ -211,6 +213,23 @@ def test_config_errors_stop_before_any_output(tmp_path: Path, override: dict, me
     with pytest.raises((ValueError, FileNotFoundError, MemoryError), match=message):
         train(TrainConfig(output_dir=str(out), **{**TINY_RUN, **override}))
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_heldout_split_short_of_one_batch_stops_before_training(tmp_path: Path) -> None:
+    """Every 10th paragraph is held out: two short ones make a held-out split of a few tokens."""
+    words = " ".join(f"word{i}" for i in range(300))
+    docs = ["a short paragraph." if i % 10 == 9 else words for i in range(20)]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(docs))
+    out = tmp_path / "runs"
+    cfg = TrainConfig(output_dir=str(out), corpus=str(corpus), **TINY_RUN)
+    message = (
+        "'heldout' split of .* fewer than one LLM batch \\(8 x 64 tokens\\); give --eval_corpus"
+    )
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=message):
+        train(cfg)
+    assert time.perf_counter() - started < 60 and not out.exists()  # before any step
 
 
 def test_diverging_run_stops_before_writing_a_suite(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from hub_sae.activations import check_layers
-from hub_sae.data import DataConfig, iter_texts
+from hub_sae.data import DataConfig, token_batches
 from hub_sae.masking import Corruption, check_selects
 from hub_sae.models import BaseModel
 
@@ -164,13 +164,25 @@ class TrainConfig:
                 f"--name {self.name}-run"
             )
         positive = ("total_tokens", "sae_batch_size", "buffer_tokens", "ctx_len", "llm_batch_size")
-        for name in (*positive, "reuse_activations", "log_every", "expansion_factor"):
+        for name in (
+            *positive,
+            "eval_tokens",
+            "reuse_activations",
+            "log_every",
+            "expansion_factor",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1; got {getattr(self, name)}.")
         if self.total_tokens < self.sae_batch_size:
             raise ValueError(
                 f"--total_tokens {self.total_tokens} is less than one SAE batch "
                 f"(--sae_batch_size {self.sae_batch_size}); raise total_tokens."
+            )
+        if self.dead_tokens < self.sae_batch_size:
+            raise ValueError(
+                f"--dead_tokens {self.dead_tokens} is less than one SAE batch (--sae_batch_size "
+                f"{self.sae_batch_size}): every latent missing a single step would count as dead; "
+                "raise it (e.g. --dead_tokens 50000)."
             )
         if self.buffer_tokens < 2 * self.sae_batch_size:
             raise ValueError(
@@ -192,8 +204,6 @@ class TrainConfig:
         counts = (
             "warmup_steps",
             "checkpoint_every",
-            "dead_tokens",
-            "eval_tokens",
             "feature_tokens",
         )
         for name in counts:
@@ -236,8 +246,16 @@ class TrainConfig:
             raise ValueError(
                 f"ctx_len {self.ctx_len} exceeds {self.model}'s maximum of {base.max_length} tokens."
             )
-        for split in ("train", "heldout"):  # a missing local corpus or empty split fails here
-            iter_texts(self.data(split))
+        for split in ("train", "heldout"):  # a missing corpus or a split short of one batch
+            data = self.data(split)
+            batches = token_batches(data, base.tokenizer, base.bos_token_id, base.eos_token_id)
+            if next(batches, None) is None:
+                option = "--corpus" if split == "train" else "--eval_corpus"
+                raise ValueError(
+                    f"the {data.split!r} split of {data.corpus!r} holds fewer than one LLM batch "
+                    f"({self.llm_batch_size} x {self.ctx_len} tokens); give {option} more text, "
+                    "or lower --llm_batch_size or --ctx_len."
+                )
 
     def latents(self, d_model: int) -> int:
         return self.d_sae or self.expansion_factor * d_model
