@@ -1,6 +1,7 @@
 """The real trainer on the embedded default, in one process: suite contents, config and CLI checks,
 the stream's resumable state, the schedule, the plan, divergence, the run lock and the launcher."""
 
+import dataclasses
 import json
 import os
 import re
@@ -17,7 +18,7 @@ from hub_sae.features import load_features
 from hub_sae.models import load_base_model
 from hub_sae.suite import validate_suite
 from hub_sae.training import TrainConfig, parse_args, train
-from hub_sae.training.loop import lr_schedule
+from hub_sae.training.loop import checkpoint, lr_schedule, setup, start, train_step
 from hub_sae.training.plan import check_fits, model_shape, plan, plan_mode
 from hub_sae.training.saes import SAESet, geometric_median, owners
 from hub_sae.training.stream import EMPTY_BATCHES, ActivationStream
@@ -128,7 +129,7 @@ def test_geometric_median_resists_outliers() -> None:
 def test_lr_schedule_is_dictionary_learnings() -> None:
     """transformers' WSD schedule gives DLM-Scope's (dictionary_learning's) factor at every step:
     step / warmup, then 1, then (total - step) / (total - decay_start)."""
-    cfg = TrainConfig(warmup_steps=10, decay_fraction=0.2)
+    cfg = TrainConfig(warmup_steps=10, decay_fraction=0.2, lr=1.0)
     total, decay_start = 100, 80
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     scheduler = lr_schedule(optimizer, cfg, total)
@@ -143,6 +144,9 @@ def test_lr_schedule_is_dictionary_learnings() -> None:
         assert lr == pytest.approx(expected), step
         optimizer.step()
         scheduler.step()
+        if step in (3, 50, 90):  # a resumed run's schedule, placed at the step, is the same
+            placed = lr_schedule(torch.optim.SGD([torch.zeros(1)], lr=1.0), cfg, total, step + 1)
+            assert placed.get_last_lr() == scheduler.get_last_lr()
 
 
 def test_cli_overrides_the_config_file() -> None:
@@ -230,6 +234,54 @@ def test_heldout_split_short_of_one_batch_stops_before_training(tmp_path: Path) 
     with pytest.raises(ValueError, match=message):
         train(cfg)
     assert time.perf_counter() - started < 60 and not out.exists()  # before any step
+
+
+@pytest.fixture(scope="module")
+def checkpointed(minilm, tmp_path_factory) -> TrainConfig:
+    """TINY_RUN stopped after a checkpoint at step 2 (the trainer's own setup, steps and save)."""
+    cfg = TrainConfig(output_dir=str(tmp_path_factory.mktemp("runs")), **TINY_RUN)
+    run = setup(cfg, minilm, start(cfg), resume=False)
+    for _ in range(2):
+        train_step(run)
+    checkpoint(run)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"ks": [16]}, "with --ks 8; this launch has --ks 16. .*Resume with --ks 8; or "),
+        ({"layers": [1]}, "with --layers 1 3; this launch has --layers 1. "),
+        ({"d_sae": 1024}, "with no --d_sae; this launch has --d_sae 1024. "),
+        (
+            {"expansion_factor": 4},
+            "with --expansion_factor 2; this launch has --expansion_factor 4",
+        ),
+        (
+            {"total_tokens": 12288, "sae_batch_size": 512},
+            "with --total_tokens 6144, --sae_batch_size 256; this launch has --total_tokens 12288, "
+            "--sae_batch_size 512. .* --name tiny-mask-2 without --resume",
+        ),
+    ],
+)
+def test_resume_refuses_a_change_it_cannot_apply(
+    checkpointed: TrainConfig, minilm, change: dict, message: str
+) -> None:
+    cfg = dataclasses.replace(checkpointed, **change)
+    with pytest.raises(ValueError, match=f"--resume: .*step_00000002 was written {message}"):
+        setup(cfg, minilm, start(cfg), resume=True)
+
+
+def test_resume_applies_a_new_lr_betas_and_warmup(checkpointed: TrainConfig, minilm) -> None:
+    """At step 2 of a 2-step warmup the factor is 1: the lr is the new one, not 2e-3 x 2/4."""
+    cfg = dataclasses.replace(checkpointed, lr=5e-4, beta1=0.8, warmup_steps=2)
+    run = setup(cfg, minilm, start(cfg), resume=True)
+    group = run.optimizer.param_groups[0]
+    assert run.state.step == 2 and run.optimizer.state  # the Adam moments are the checkpoint's
+    assert group["lr"] == run.scheduler.get_last_lr()[0] == pytest.approx(5e-4)
+    assert group["betas"] == (0.8, 0.999)
+    train_step(run)
+    assert run.state.step == 3
 
 
 def test_diverging_run_stops_before_writing_a_suite(tmp_path: Path) -> None:

@@ -287,7 +287,12 @@ class LaunchOptions:
 
     config: str = field(default=str(DEFAULT_CONFIG), metadata={"help": "YAML file of the fields"})
     resume: bool = field(
-        default=False, metadata={"help": "continue from the newest checkpoint of this run"}
+        default=False,
+        metadata={
+            "help": "continue from the newest checkpoint of this run; optimizer, schedule, loss, "
+            "logging and evaluation settings may change, a change of what shapes the SAEs, the "
+            "step count or the data is refused"
+        },
     )
     plan: bool = field(
         default=False,
