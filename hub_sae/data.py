@@ -101,7 +101,12 @@ def _read_file(path: Path, text_field: str) -> list[str]:
                 f"{path}:{number} has no field {text_field!r}; set text_field to the field that "
                 "holds the text."
             )
-        docs.append(str(row[text_field]))
+        if not isinstance(row[text_field], str):
+            raise ValueError(
+                f"{path}:{number}: field {text_field!r} is {json.dumps(row[text_field])[:40]}, "
+                "not a string; fill it with the text or remove the line."
+            )
+        docs.append(row[text_field])
     return docs
 
 

@@ -81,6 +81,12 @@ def test_local_txt_and_jsonl(tmp_path: Path) -> None:
         ({"x.jsonl": '{"body": "a"}\n'}, "x.jsonl", {}, "x.jsonl:1 has no field 'text'"),
         ({"x.jsonl": "{not json\n"}, "x.jsonl", {}, "x.jsonl:1 is not valid JSON"),
         (
+            {"x.jsonl": '{"text": "a"}\n{"text": null}\n'},
+            "x.jsonl",
+            {},
+            "x.jsonl:2: field 'text' is null, not a string; fill it",
+        ),
+        (
             {"x.txt": "only one doc"},
             "x.txt",
             {"split": "heldout"},
