@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from hub_sae.features import load_features
 from hub_sae.models import load_base_model
 from hub_sae.suite import validate_suite
 from hub_sae.training import TrainConfig, parse_args, train
+from hub_sae.training.checkpoint import checkpoint_root
 from hub_sae.training.loop import checkpoint, lr_schedule, setup, start, train_step
 from hub_sae.training.plan import check_fits, model_shape, plan, plan_mode
 from hub_sae.training.saes import SAESet, geometric_median, owners
@@ -282,6 +284,42 @@ def test_resume_applies_a_new_lr_betas_and_warmup(checkpointed: TrainConfig, min
     assert group["betas"] == (0.8, 0.999)
     train_step(run)
     assert run.state.step == 3
+
+
+def copy_run(cfg: TrainConfig, to: Path) -> TrainConfig:
+    shutil.copytree(cfg.output_dir, to)
+    return dataclasses.replace(cfg, output_dir=str(to))
+
+
+def test_stray_entries_are_not_checkpoints(checkpointed: TrainConfig, minilm, tmp_path) -> None:
+    """A stray step_notes.txt was taken as the newest checkpoint (and the real one deleted)."""
+    cfg = copy_run(checkpointed, tmp_path / "runs")
+    root = checkpoint_root(cfg)
+    (root / "step_notes.txt").write_text("notes")
+    (root / "step_old").mkdir()
+    run = setup(cfg, minilm, start(cfg), resume=True)
+    assert run.state.step == 2
+    train_step(run)
+    checkpoint(run)  # replaces step 2, leaves what is not a checkpoint alone
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000003", "step_notes.txt", "step_old"]
+
+
+def test_truncated_checkpoint_file_is_named(checkpointed: TrainConfig, minilm, tmp_path) -> None:
+    cfg = copy_run(checkpointed, tmp_path / "runs")
+    file = checkpoint_root(cfg) / "step_00000002" / "rank_0.pt"
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"checkpoint file {file} cannot be read .* truncated"):
+        setup(cfg, minilm, start(cfg), resume=True)
+
+
+def test_binary_config_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_bytes(bytes(range(256)))
+    with pytest.raises(ValueError, match=f"--config {path} is not a YAML text file"):
+        parse_args(["--config", str(path)])
+    path.write_text("layers: [1, 3\n")
+    with pytest.raises(ValueError, match=f"--config {path} is not a YAML text file"):
+        parse_args(["--config", str(path)])
 
 
 def test_diverging_run_stops_before_writing_a_suite(tmp_path: Path) -> None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import pickle
+import re
 import shutil
 import threading
 import time
@@ -34,6 +36,7 @@ RESUME_FIXED = (
     "reuse_activations", "seed",
 )  # fmt: skip
 """What shapes the SAEs, the step count or the activation stream a checkpoint continues."""
+STEP = re.compile(r"step_\d{8}")
 
 
 @dataclass
@@ -48,8 +51,13 @@ def checkpoint_root(cfg: TrainConfig) -> Path:
     return Path(cfg.output_dir) / CHECKPOINTS / cfg.name
 
 
+def checkpoints(root: Path) -> list[Path]:
+    """The step_XXXXXXXX folders under `root`, oldest first (a stray step_notes.txt is no step)."""
+    return sorted(p for p in root.glob("step_*") if STEP.fullmatch(p.name) and p.is_dir())
+
+
 def latest_checkpoint(cfg: TrainConfig) -> Path | None:
-    steps = sorted(checkpoint_root(cfg).glob("step_*"))
+    steps = checkpoints(checkpoint_root(cfg))
     return steps[-1] if steps else None
 
 
@@ -71,7 +79,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         os.replace(tmp, root / f"step_{step:08d}")
-        for old in sorted(root.glob("step_*"))[:-1]:
+        for old in checkpoints(root)[:-1]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
@@ -80,7 +88,7 @@ def load_checkpoint(
     path: Path, accelerator: Accelerator, cfg: TrainConfig, mode: str
 ) -> tuple[dict, dict, dict]:
     """(trainer, this process's file, the file holding its SAEs); a different layout is an error."""
-    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    trainer = _load(path / "trainer.pt")
     check_resume(path, trainer.get("config", {}), cfg)
     saved = (trainer["processes"], trainer["distribute"])
     if saved != (accelerator.num_processes, mode):
@@ -90,9 +98,21 @@ def load_checkpoint(
             f"--num_processes {saved[0]}` and --distribute {saved[1]}, or start over without "
             f"--resume (delete {path.parent} first)."
         )
-    own = torch.load(path / f"rank_{accelerator.process_index}.pt", weights_only=True)
-    sae_file = own if mode == "modules" else torch.load(path / "rank_0.pt", weights_only=True)
+    own = _load(path / f"rank_{accelerator.process_index}.pt")
+    sae_file = own if mode == "modules" else _load(path / "rank_0.pt")
     return trainer, own, sae_file
+
+
+def _load(file: Path) -> dict:
+    """One checkpoint file; a missing, truncated or damaged one is named with the fix."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise ValueError(
+            f"--resume: checkpoint file {file} cannot be read ({error}); it is missing, truncated "
+            f"or damaged. Delete {file.parent} (a resume then starts from an earlier step_* "
+            "folder, if one is left) or start over without --resume."
+        ) from None
 
 
 def _option(name: str, value) -> str:

@@ -309,7 +309,13 @@ def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--config {path}: no such file; see training/configs/.")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (UnicodeDecodeError, yaml.YAMLError) as error:
+        raise ValueError(
+            f"--config {path} is not a YAML text file ({str(error).splitlines()[0]}); give a "
+            "YAML mapping of TrainConfig fields, e.g. --config training/configs/minilm-mask.yaml."
+        ) from None
     if not isinstance(data, dict):
         raise ValueError(
             f"{path}: expected a mapping of TrainConfig fields, got {type(data).__name__}"
