@@ -21,7 +21,7 @@ from hub_sae.suite import validate_suite
 from hub_sae.training import TrainConfig, parse_args, train
 from hub_sae.training.checkpoint import checkpoint_root
 from hub_sae.training.loop import checkpoint, lr_schedule, setup, start, train_step
-from hub_sae.training.plan import check_fits, model_shape, plan, plan_mode
+from hub_sae.training.plan import base_forward, check_fits, model_shape, plan, plan_mode
 from hub_sae.training.saes import SAESet, geometric_median, owners
 from hub_sae.training.stream import EMPTY_BATCHES, ActivationStream
 from tests.conftest import ROOT, TINY_RUN, finish, launch, wait_gone, workers
@@ -365,6 +365,34 @@ def test_plan_counts_the_real_tensors(minilm) -> None:
     modules = plan_mode(cfg, model_shape("minilm"), 2, "modules")
     assert modules.saes_per_process == 2 and modules.sae_weights == planned["sae_weights"] // 2
     assert modules.comm_bytes_per_step == cfg.sae_batch_size * len(cfg.layers) * 384 * 4
+
+
+HARVEST_PEAK = """
+import resource, sys
+from hub_sae.models import load_base_model
+from hub_sae.training import TrainConfig
+from hub_sae.training.stream import ActivationStream
+small, cfg = (TrainConfig(**eval(arg)) for arg in sys.argv[1:])
+base = load_base_model("minilm")
+warm = ActivationStream(base, small, rank=0, world=1)  # reads the corpus, a forward of 16 tokens
+warm.harvest_batch(warm._llm_batches())
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+stream = ActivationStream(base, cfg, rank=0, world=1)
+stream.harvest_batch(stream._llm_batches())
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def test_plan_bounds_the_measured_peak_of_a_harvest() -> None:
+    """The forward of 32 x 256 tokens (2 hooked blocks, every position kept) against the peak RSS
+    it adds (the plan had no such term: 0 bytes)."""
+    run = {**TINY_RUN, "llm_batch_size": 32, "ctx_len": 256, "policy": "all"}
+    small = {**run, "llm_batch_size": 1, "ctx_len": 16}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+    cmd = [sys.executable, "-c", HARVEST_PEAK, repr(small), repr(run)]
+    measured = int(subprocess.check_output(cmd, env=env, text=True).split()[-1]) * 1024
+    planned = base_forward(TrainConfig(**run), model_shape("minilm"))
+    assert measured <= planned <= 2.5 * measured, (planned, measured)
 
 
 def test_plan_command_prints_json_and_the_llada_recipe_fits_80gb_in_modules() -> None:
