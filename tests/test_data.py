@@ -148,7 +148,7 @@ print(batches, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 
 """
 
 
-def test_one_line_corpus_of_megabytes_keeps_memory_bounded(tmp_path: Path) -> None:
+def test_one_line_corpus_keeps_tokenizer_memory_bounded(tmp_path: Path) -> None:
     """A 0.6 MB paragraph raised the peak RSS by ~100 MB when tokenized in one call, ~3 MB now."""
     corpus = tmp_path / "one_line.txt"
     corpus.write_text(words(100_000).replace("\n", " "))
