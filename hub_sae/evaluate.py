@@ -331,6 +331,8 @@ def evaluate_suite(
     its spliced losses are cross entropies; `by_t_batches` batches feed each t bin (0: none);
     `progress` shows tqdm bars over the held-out positions and the spliced runs.
     """
+    for sae in saes.values():
+        sae.require_resid_post("SAE-spliced evaluation")
     base = with_unmasking_head(base)
     layers = sorted({layer for layer, _ in saes})
     moments = {key: _Moments(sae.d_in) for key, sae in saes.items()}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -27,7 +27,9 @@ from hub_sae.data import DataConfig
 from hub_sae.io import write_atomic
 from hub_sae.masking import Corruption
 from hub_sae.models import BaseModel
-from hub_sae.sae import TopKSAE
+
+if TYPE_CHECKING:  # sae.py loads through formats.py, which reads suites: no import back
+    from hub_sae.sae import TopKSAE
 
 FEATURES_FILE = "features.safetensors"
 
@@ -66,7 +68,7 @@ def collect_features(
     `saes` maps any key (e.g. (layer, k)) to an SAE taking raw activations of block `sae.layer`;
     all layers are read from one forward per batch. `progress` shows a tqdm bar over the positions.
     """
-    layers = sorted({sae.layer for sae in saes.values()})
+    layers = sorted({sae.require_resid_post("collect_features").layer for sae in saes.values()})
     d = {key: sae.d_sae for key, sae in saes.items()}
     counts = {key: torch.zeros(d[key]) for key in saes}
     values = {key: torch.zeros(d[key], n_top) for key in saes}

@@ -18,6 +18,8 @@ dictionary_learning dict_class other than AutoEncoderTopK.
 
 Every folder is found by its small JSON file first; only the chosen SAE's weights are downloaded,
 and their names and shapes are checked in the safetensors header before anything is allocated.
+Readers return an `SAEState` (checked settings and weights); `TopKSAE.from_pretrained` builds the
+module, so this file never imports sae.py.
 """
 
 from __future__ import annotations
@@ -26,13 +28,13 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from hub_sae.io import HubOptions, inside, is_int, local_path
-from hub_sae.sae import TopKSAE
 from hub_sae.suite import SUITE_FILE, read_suite
 
 WEIGHTS = {
@@ -47,10 +49,21 @@ METADATA_PATTERNS = ["suite.json", "*config.json", "*cfg.json"]
 LAYER_IN_NAME = re.compile(r"(?:^|[._])(?:layers|layer|blocks|h)[._](\d+)(?=$|[._])")
 # The output of a whole block (the residual stream after it), in sparsify's and SAELens' naming.
 BLOCK_OUTPUT = re.compile(r"(?:.*\.)?(?:layers|layer|blocks|h)\.\d+(?:\.hook_resid_post)?")
+# SAELens' (TransformerLens') input of block N: the output of block N - 1 when N > 0.
+BLOCK_INPUT = re.compile(r"(?:.*\.)?blocks\.(\d+)\.hook_resid_pre")
 
 
 class SAELoadError(ValueError):
     """An SAE could not be found or read; the message says which file and what was expected."""
+
+
+class SAEState(NamedTuple):
+    """An SAE read from any layout and checked: what `TopKSAE.from_pretrained` builds."""
+
+    kwargs: dict
+    """TopKSAE keyword arguments (`sae_kwargs`)."""
+    state: dict[str, Tensor]
+    """TopKSAE's state dict, float32, finite, of the shapes `kwargs` implies."""
 
 
 @dataclass(frozen=True)
@@ -63,13 +76,19 @@ class SAEFolder:
     layer: int | None
     k: int | None
     config: dict
+    hookpoint: str = "resid_post"
+    """Where the SAE reads (`hookpoint`): "resid_post" of `layer`, or the library's hook name."""
 
 
 def _read_json(path: Path) -> dict:
     """A JSON object from `path`, or an SAELoadError naming the file."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except RecursionError:
+        raise SAELoadError(
+            f"{path} is nested too deeply to read; it is no SAE config. Re-download or re-save it."
+        ) from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: JSON, or int digits
         raise SAELoadError(f"Could not read {path}: {e}. Re-download or re-save this file.") from e
     if not isinstance(data, dict):
         raise SAELoadError(
@@ -85,9 +104,17 @@ def layer_from_hookpoint(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _hookpoint(name: str | None) -> str:
-    """Our hookpoint for a library's hook name: "resid_post" for a whole block's output."""
-    return "resid_post" if not name or BLOCK_OUTPUT.fullmatch(name) else name
+def _hookpoint(name: str | None, layer: int | None) -> tuple[int | None, str]:
+    """(layer, hookpoint) for a library's hook `name` at `layer`.
+
+    A whole block's output is "resid_post" of that block and the input of block N > 0 is
+    "resid_post" of block N - 1; anything else (an MLP's output, the embedding output) keeps its
+    name and layer, and `TopKSAE.require_resid_post` refuses it where the residual stream is used.
+    """
+    block_input = BLOCK_INPUT.fullmatch(name or "")
+    if block_input and int(block_input.group(1)) > 0:
+        return int(block_input.group(1)) - 1, "resid_post"
+    return layer, "resid_post" if not name or BLOCK_OUTPUT.fullmatch(name) else name
 
 
 def sae_kwargs(raw: dict, path: Path) -> dict:
@@ -114,6 +141,26 @@ def sae_kwargs(raw: dict, path: Path) -> dict:
     return {key: raw[key] for key in keys if raw.get(key) is not None}
 
 
+def _flag(cfg: dict, key: str, default: bool, path: Path) -> bool:
+    """A true/false setting; anything but a JSON boolean (the string "false" too) is refused."""
+    value = cfg.get(key, default)
+    if not isinstance(value, bool):
+        raise SAELoadError(
+            f"{path}: {key} must be true or false (a JSON boolean), got {value!r}. Fix the file."
+        )
+    return value
+
+
+def _object(cfg: dict, key: str, path: Path) -> dict:
+    """The JSON object under `key` ({} when absent), or an SAELoadError naming file and key."""
+    value = cfg.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SAELoadError(f"{path}: {key} must be a JSON object, got {value!r}. Fix the file.")
+    return value
+
+
 def _refuse(path: Path, flag: str, value, why: str) -> SAELoadError:
     """The error for a setting in `path` that changes the math in a way hub-sae does not run."""
     return SAELoadError(
@@ -133,11 +180,20 @@ def _classify(path: Path) -> SAEFolder | None:
         layer = trainer.get("layer", layer_from_hookpoint(folder.parent.name))
         found = SAEFolder("dictionary_learning", folder, layer, trainer.get("k"), cfg)
     elif path.name == "cfg.json" and ({"hook_name", "architecture", "metadata"} & cfg.keys()):
+        _object(cfg, "metadata", path)
+        _object(cfg, "activation_fn_kwargs", path)
         hook_name = _saelens_field(cfg, "hook_name")
-        layer = cfg.get("hook_layer", layer_from_hookpoint(str(hook_name or "")))
-        found = SAEFolder("saelens", folder, layer, _saelens_k(cfg), cfg)
+        if hook_name is not None and not isinstance(hook_name, str):
+            raise SAELoadError(
+                f"{path}: hook_name must be a string such as 'blocks.3.hook_resid_post', got "
+                f"{hook_name!r}. Fix the file."
+            )
+        layer = cfg.get("hook_layer", layer_from_hookpoint(hook_name or ""))
+        layer, hookpoint = _hookpoint(hook_name, layer)
+        found = SAEFolder("saelens", folder, layer, _saelens_k(cfg), cfg, hookpoint)
     elif path.name == "cfg.json" and ("num_latents" in cfg or "expansion_factor" in cfg):
-        found = SAEFolder("sparsify", folder, layer_from_hookpoint(folder.name), cfg.get("k"), cfg)
+        layer, hookpoint = _hookpoint(folder.name, layer_from_hookpoint(folder.name))
+        found = SAEFolder("sparsify", folder, layer, cfg.get("k"), cfg, hookpoint)
     else:
         return None
     for name, value in (("layer", found.layer), ("k", found.k)):
@@ -253,8 +309,8 @@ def load_sae(
     *,
     subfolder: str | None = None,
     hub: HubOptions | None = None,
-) -> TopKSAE:
-    """Find the SAE of `layer` / `k` in a folder or hub repo (any layout) and read it."""
+) -> SAEState:
+    """Find the SAE of `layer` / `k` in a folder or hub repo (any layout) and read it, checked."""
     root, snapshot = _metadata_root(repo_id_or_path, subfolder, hub)
     chosen = select(scan(root), root, layer, k)
     weights = chosen.folder / WEIGHTS[chosen.layout]
@@ -300,12 +356,24 @@ def _check_shapes(
             )
 
 
+def _floats(path: Path, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`state` if every tensor is floating point; an integer or bool one is refused, not cast."""
+    for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            raise SAELoadError(
+                f"{path}: tensor {name} has dtype {tensor.dtype}; SAE weights are floats "
+                "(float32, bfloat16, float16 or float64). The file is damaged or holds no SAE; "
+                "re-download or re-save it."
+            )
+    return state
+
+
 def _read_safetensors(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
-    """The expected tensors of `path`, read once its header matched `expected`."""
+    """The expected tensors of `path`, read once its header matched `expected`, all floats."""
     _check_shapes(path, _shapes_in_header(path), expected)
     try:
         with safe_open(path, framework="pt") as f:
-            return {name: f.get_tensor(name) for name in expected}
+            return _floats(path, {name: f.get_tensor(name) for name in expected})
     except (SafetensorError, OSError) as e:
         raise SAELoadError(f"Could not read {path}: {e}. Re-download it.") from e
 
@@ -321,31 +389,28 @@ def _shapes(kwargs: dict) -> dict[str, tuple[int, ...]]:
     }
 
 
-def _build(kwargs: dict, state: dict[str, Tensor], path: Path) -> TopKSAE:
-    """A TopKSAE holding `state` (float32), refusing non-finite weights; nothing is initialised."""
+def _build(kwargs: dict, state: dict[str, Tensor], path: Path) -> SAEState:
+    """`state` as float32 TopKSAE weights, refusing non-finite ones (float64 beyond float32 too)."""
+    state = {name: t.to(torch.float32).contiguous() for name, t in state.items()}
     for name, tensor in state.items():
         if not torch.isfinite(tensor).all():
             raise SAELoadError(
-                f"{path}: tensor {name} holds NaN or Inf values; this SAE diverged or the file is "
-                "damaged. Use another checkpoint or re-download it."
+                f"{path}: tensor {name} holds NaN or Inf values (in float32); this SAE diverged or "
+                "the file is damaged. Use another checkpoint or re-download it."
             )
-    with torch.device("meta"):  # shapes were checked: no need to allocate and initialise twice
-        sae = TopKSAE(**kwargs)
-    state = {name: t.to(torch.float32).contiguous() for name, t in state.items()}
-    sae.load_state_dict(state, strict=True, assign=True)
-    return sae.eval()
+    return SAEState(kwargs, state)
 
 
-def read_hub_sae(found: SAEFolder, weights: Path) -> TopKSAE:
+def read_hub_sae(found: SAEFolder, weights: Path) -> SAEState:
     """Our own layout: TopKSAE's config.json and state dict as saved."""
     kwargs = sae_kwargs(found.config, found.folder / "config.json")
     return _build(kwargs, _read_safetensors(weights, _shapes(kwargs)), weights)
 
 
-def read_dictionary_learning(found: SAEFolder, weights: Path) -> TopKSAE:
+def read_dictionary_learning(found: SAEFolder, weights: Path) -> SAEState:
     """dictionary_learning's AutoEncoderTopK (DLM-Scope's releases): its decoder transposed."""
     config_path = found.folder / "config.json"
-    trainer, buffer = found.config["trainer"], found.config.get("buffer") or {}
+    trainer, buffer = found.config["trainer"], _object(found.config, "buffer", config_path)
     flag = "dict_class" if "dict_class" in trainer else "trainer_class"
     if trainer.get(flag) not in (None, "AutoEncoderTopK", "TopKTrainer"):
         why = "BatchTopK and others encode with a threshold, not per-token top k"
@@ -382,6 +447,7 @@ def read_dictionary_learning(found: SAEFolder, weights: Path) -> TopKSAE:
     )
     if "k" in state and int(state["k"]) != k:
         raise SAELoadError(f"{weights} stores k={int(state['k'])} but its config.json says k={k}.")
+    _floats(weights, {name: state[name] for name in expected})
     converted = {
         "encoder.weight": state["encoder.weight"],
         "encoder.bias": state["encoder.bias"],
@@ -391,18 +457,21 @@ def read_dictionary_learning(found: SAEFolder, weights: Path) -> TopKSAE:
     return _build(kwargs, converted, weights)
 
 
-def read_sparsify(found: SAEFolder, weights: Path) -> TopKSAE:
+def read_sparsify(found: SAEFolder, weights: Path) -> SAEState:
     """sparsify's SparseCoder: the same tensor names as ours; the model from the run's config."""
     cfg, config_path = found.config, found.folder / "cfg.json"
     if cfg.get("activation", "topk") != "topk":
         raise _refuse(config_path, "activation", cfg["activation"], "group-max latents")
     for flag in ("skip_connection", "transcode"):
-        if cfg.get(flag):
+        if _flag(cfg, flag, False, config_path):
             raise _refuse(config_path, flag, cfg[flag], "not an autoencoder of its input")
-    d_in = cfg.get("d_in")
-    d_sae = cfg.get("num_latents") or (
-        cfg.get("expansion_factor", 32) * d_in if is_int(d_in) else None
-    )
+    d_in, factor = cfg.get("d_in"), cfg.get("expansion_factor", 32)
+    if not cfg.get("num_latents") and not (is_int(factor) and factor > 0):
+        raise SAELoadError(
+            f"{config_path}: expansion_factor must be a positive integer (or num_latents set), "
+            f"got {factor!r}. Fix the file."
+        )
+    d_sae = cfg.get("num_latents") or (factor * d_in if is_int(d_in) else None)
     run_config = found.folder.parent / "config.json"  # the run's TrainConfig, when there is one
     model = _read_json(run_config).get("model") if run_config.is_file() else None
     kwargs = sae_kwargs(
@@ -411,7 +480,7 @@ def read_sparsify(found: SAEFolder, weights: Path) -> TopKSAE:
             d_sae=d_sae,
             k=cfg.get("k"),
             layer=found.layer,
-            hookpoint=_hookpoint(found.folder.name),
+            hookpoint=found.hookpoint,
             base_model=model if isinstance(model, str) else None,
         ),
         config_path,
@@ -419,7 +488,7 @@ def read_sparsify(found: SAEFolder, weights: Path) -> TopKSAE:
     return _build(kwargs, _read_safetensors(weights, _shapes(kwargs)), weights)
 
 
-def read_saelens(found: SAEFolder, weights: Path) -> TopKSAE:
+def read_saelens(found: SAEFolder, weights: Path) -> SAEState:
     """SAELens' TopK SAE, with its input-bias and decoder-norm options folded in exactly."""
     cfg, config_path = found.config, found.folder / "cfg.json"
     arch = cfg.get("architecture")
@@ -437,14 +506,13 @@ def read_saelens(found: SAEFolder, weights: Path) -> TopKSAE:
     for flag in ("hook_head_index", "finetuning_scaling_factor"):
         if _saelens_field(cfg, flag) not in (None, False):
             raise _refuse(config_path, flag, _saelens_field(cfg, flag), "not a plain TopK SAE")
-    hook_name = _saelens_field(cfg, "hook_name")
     kwargs = sae_kwargs(
         dict(
             d_in=cfg.get("d_in"),
             d_sae=cfg.get("d_sae"),
             k=found.k,
             layer=found.layer,
-            hookpoint=_hookpoint(hook_name),
+            hookpoint=found.hookpoint,
             base_model=_saelens_field(cfg, "model_name"),
             policy=_saelens_field(cfg, "policy"),
         ),
@@ -457,10 +525,10 @@ def read_saelens(found: SAEFolder, weights: Path) -> TopKSAE:
     )
     w = {name: t.to(torch.float32) for name, t in w.items()}
     W_enc, b_enc, W_dec = w["W_enc"], w["b_enc"], w["W_dec"]
-    if not cfg.get("apply_b_dec_to_input", True):
+    if not _flag(cfg, "apply_b_dec_to_input", True, config_path):
         # W_enc x + b_enc == W_enc (x - b_dec) + (b_enc + b_dec W_enc)
         b_enc = b_enc + w["b_dec"] @ W_enc
-    if cfg.get("rescale_acts_by_decoder_norm"):
+    if _flag(cfg, "rescale_acts_by_decoder_norm", False, config_path):
         # SAELens scales the pre-activations by ||W_dec row|| and divides the latents by it before
         # decoding: the same as an encoder scaled by the norms and a unit-norm decoder.
         norms = W_dec.norm(dim=1).clamp_min(1e-8)

@@ -306,8 +306,33 @@ class TopKSAE(
         """The dtype of the parameters; inputs are cast to it."""
         return self.b_dec.dtype
 
+    def require_resid_post(self, use: str) -> TopKSAE:
+        """This SAE if it reads a block's output (`resid_post` of a known layer), else a ValueError
+        naming its hookpoint, `use` and the fix. Call it wherever an SAE meets the residual stream."""
+        if self.hookpoint == "resid_post" and self.layer is not None:
+            return self
+        block = "no block (its layer is unset)" if self.layer is None else f"block {self.layer}"
+        raise ValueError(
+            f"{use} applies SAEs to the residual stream after a block (resid_post), but this SAE "
+            f"reads {self.hookpoint!r} of {block}: its latents would be read from and written to "
+            "the wrong activations. Use an SAE trained on a block's output: hookpoint 'resid_post' "
+            "with its layer set (sparsify `layers.N`, SAELens `blocks.N.hook_resid_post` or "
+            "`blocks.N+1.hook_resid_pre`)."
+        )
+
+    def _check_width(self, x: Tensor) -> None:
+        """A ValueError naming d_in unless `x`'s last dimension is d_in."""
+        if x.dim() == 0 or x.shape[-1] != self.d_in:
+            width = x.shape[-1] if x.dim() else "a scalar"
+            raise ValueError(
+                f"expected last dim d_in={self.d_in}, got {width} (input shape {tuple(x.shape)}); "
+                f"pass the {self.hookpoint} activations of the model this SAE was trained on "
+                f"({self.base_model or 'see its config'})."
+            )
+
     def encode(self, x: Tensor) -> EncoderOutput:
         """The k active latents of each row of `x` ([..., d_in])."""
+        self._check_width(x)
         top_acts, top_indices, _, _ = _TopKEncoder.apply(
             x.reshape(-1, self.d_in).to(self.dtype),
             self.b_dec,
@@ -330,6 +355,12 @@ class TopKSAE(
         self, x: Tensor, dead_mask: Tensor | None = None, k_aux: int | None = None
     ) -> ForwardOutput:
         """Encode, decode and score a batch `x` [N, d_in]; AuxK over the `dead_mask` latents."""
+        self._check_width(x)
+        if x.dim() != 2:
+            raise ValueError(
+                f"forward takes [N, d_in={self.d_in}], got shape {tuple(x.shape)}; flatten the "
+                f"tokens first: x.reshape(-1, {self.d_in})."
+            )
         x = x.to(self.dtype)
         dead = None if dead_mask is None else dead_mask.nonzero().squeeze(-1)
         if dead is not None:
@@ -424,7 +455,11 @@ class TopKSAE(
         from hub_sae.io import HubOptions
 
         hub = HubOptions(revision, cache_dir, token, local_files_only)
-        return load_sae(repo_id_or_path, layer, k, subfolder=subfolder, hub=hub).to(device)
+        loaded = load_sae(repo_id_or_path, layer, k, subfolder=subfolder, hub=hub)
+        with torch.device("meta"):  # shapes were checked: no need to allocate and initialise twice
+            sae = cls(**loaded.kwargs)
+        sae.load_state_dict(loaded.state, strict=True, assign=True)
+        return sae.eval().to(device)
 
     @classmethod
     def load_suite(

@@ -14,12 +14,15 @@ from __future__ import annotations
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hub_sae.data import DataConfig
 from hub_sae.features import FEATURES_FILE, FeatureStats, save_features
 from hub_sae.io import inside, is_int, write_folder, write_json
 from hub_sae.masking import POLICIES, Corruption
-from hub_sae.sae import TopKSAE
+
+if TYPE_CHECKING:  # sae.py loads through formats.py, which reads suites: no import back
+    from hub_sae.sae import TopKSAE
 
 SUITE_FILE = "suite.json"
 SUITE_VERSION = 1
@@ -208,7 +211,11 @@ def read_suite(root: str | Path) -> SuiteInfo:
         )
     try:
         data = json.loads(inside(root, SUITE_FILE).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except RecursionError:
+        raise SuiteError(
+            f"{path} is nested too deeply to read; restore it or train the suite again."
+        ) from None
+    except (UnicodeDecodeError, ValueError) as e:  # ValueError: JSON, or an int's digits
         raise SuiteError(
             f"{path} is not valid JSON ({e}); restore it or train the suite again."
         ) from None

@@ -37,7 +37,12 @@ LLADA_SUITE = "AwesomeInterpretability/llada-mask-topk-sae"
 CHECKPOINTS = "checkpoints"
 """The trainer's folder for checkpoints under its output folder: not a suite."""
 MAX_TOKENS = 256
+CHARS_PER_TOKEN = 32
+"""Prompts longer than MAX_TOKENS * CHARS_PER_TOKEN characters are refused before tokenising."""
 CACHE_SIZE = 32
+STEER_MAX = 1e4
+"""The largest |steering value|: far above any SAE activation (tens to hundreds), far below
+float32's overflow (1e39 is inf there, 1e300 added turns every logit into NaN)."""
 SEED_MAX = 2**32 - 1
 
 
@@ -195,6 +200,8 @@ class Explorer:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
+        for sae in self.saes.values():
+            sae.require_resid_post("The Space")
         self.analyse = lru_cache(maxsize=CACHE_SIZE)(self._analyse)
         self.decode = lru_cache(maxsize=CACHE_SIZE)(self._decode)
         self.head = unembed(self.base)
@@ -233,6 +240,10 @@ class Explorer:
         return sorted(self.saes)
 
     @property
+    def max_chars(self) -> int:
+        return self.max_tokens * CHARS_PER_TOKEN
+
+    @property
     def mask_text(self) -> str:
         return self.base.tokenizer.convert_ids_to_tokens(self.base.mask_token_id)
 
@@ -249,6 +260,11 @@ class Explorer:
         """Token ids (BOS first) and the display text of each, leading whitespace included."""
         if not text.strip():
             raise InputError(f"Write a prompt first (type {self.mask_text} for masked positions).")
+        if len(text) > self.max_chars:  # a 10 MB prompt took 9 s and 2 GB to tokenise
+            raise InputError(
+                f"The prompt is {len(text):,} characters long; this Space reads at most "
+                f"{self.max_chars:,} characters ({self.max_tokens} tokens). Shorten it."
+            )
         enc = self.base.tokenizer(text, return_offsets_mapping=True)
         ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
         if not ids or ids[0] != self.base.bos_token_id:
@@ -422,6 +438,11 @@ class Explorer:
             )
         if not 1 <= int(steps) <= self.max_tokens:
             raise InputError(f"Steps must lie between 1 and {self.max_tokens}; got {steps}.")
+        if not abs(steer.value) <= STEER_MAX:
+            raise InputError(
+                f"The steering value must lie between -{STEER_MAX:,.0f} and {STEER_MAX:,.0f} "
+                f"(SAE activations are far smaller); got {steer.value:g}."
+            )
         layer = self.check_layer(steer.layer)
         for feature in steer.features:
             self.check_feature(layer, feature)

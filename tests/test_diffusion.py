@@ -216,7 +216,7 @@ def test_bad_shapes_name_the_fix(base):
         generate(base, prompts(), 4, 10, 4)
     with pytest.raises(ValueError, match="multiple of the number of blocks"):
         generate(base, prompts(), 3, 8, 4)
-    with pytest.raises(ValueError, match="have no SAE"):
+    with pytest.raises(ValueError, match="has no SAE in `saes`"):
         generate(base, prompts(), 4, 8, 8, steering=[Steer(1, (3,), 5.0)])
     with pytest.raises(ValueError, match="window"):
         Steer(1, (3,), 5.0, window=(0.5, 0.5))

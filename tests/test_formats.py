@@ -10,7 +10,11 @@ import torch
 from safetensors.torch import save_file
 
 from hub_sae import TopKSAE
+from hub_sae.data import DataConfig
+from hub_sae.evaluate import evaluate_suite
+from hub_sae.features import collect_features
 from hub_sae.formats import SAELoadError, layer_from_hookpoint
+from hub_sae.masking import Corruption
 from hub_sae.suite import SuiteInfo, save_suite
 
 D_IN, D_SAE, K = 24, 96, 5
@@ -569,3 +573,161 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, bad):
     sae.save_pretrained(tmp_path)
     with pytest.raises(SAELoadError, match=r"model\.safetensors: tensor W_dec holds NaN or Inf"):
         TopKSAE.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool, torch.uint8])
+def test_integer_or_bool_weights_are_refused_naming_tensor_dtype_and_file(tmp_path, dtype):
+    sae = TopKSAE(d_in=D_IN, d_sae=D_SAE, k=K)
+    sae.save_pretrained(tmp_path / "ours")
+    state = {n: t.contiguous() for n, t in sae.state_dict().items()}
+    save_file({**state, "b_dec": state["b_dec"].to(dtype)}, tmp_path / "ours/model.safetensors")
+    saelens_folder(tmp_path / "saelens")
+    w = raw_weights(6)
+    save_file(
+        {**w, "W_enc": w["W_enc"].T.contiguous(), "W_dec": w["W_dec"].to(dtype)},
+        tmp_path / "saelens/sae_weights.safetensors",
+    )
+    folder = tmp_path / "dl/trainer_0"
+    write_dictionary_learning(
+        folder, {**raw_weights(), "b_enc": torch.ones(D_SAE, dtype=dtype)}, 1, K
+    )
+    for root, name, file in [
+        ("ours", "b_dec", "model.safetensors"),
+        ("saelens", "W_dec", "sae_weights.safetensors"),
+        ("dl", "encoder.bias", "ae.pt"),
+    ]:
+        with pytest.raises(
+            SAELoadError, match=rf"{file}: tensor {name} has dtype {dtype}; SAE weights are floats"
+        ):
+            TopKSAE.from_pretrained(tmp_path / root)
+
+
+def test_float64_weights_beyond_float32_are_refused(tmp_path):
+    sae = TopKSAE(d_in=D_IN, d_sae=D_SAE, k=K)
+    sae.save_pretrained(tmp_path)
+    state = {n: t.double().contiguous() for n, t in sae.state_dict().items()}
+    state["W_dec"][0, 0] = 1e300
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(SAELoadError, match=r"model\.safetensors: tensor W_dec holds NaN or Inf"):
+        TopKSAE.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "layout, flag",
+    [
+        ("saelens", "apply_b_dec_to_input"),
+        ("saelens", "rescale_acts_by_decoder_norm"),
+        ("sparsify", "skip_connection"),
+        ("sparsify", "transcode"),
+    ],
+)
+@pytest.mark.parametrize("value", ["false", "true", 0, None])
+def test_booleans_must_be_json_booleans(tmp_path, layout, flag, value):
+    """SAELens' "false" as a string would count as true: refused, naming the file and the key."""
+    if layout == "saelens":
+        saelens_folder(tmp_path, **{flag: value})
+    else:
+        sparsify_folder(tmp_path / "layers.1", **{flag: value})
+    with pytest.raises(
+        SAELoadError, match=rf"cfg\.json: {flag} must be true or false \(a JSON boolean\), got"
+    ):
+        TopKSAE.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"metadata": {"hook_name": 7}}, "hook_name must be a string"),
+        ({"metadata": {"hook_name": ["blocks.2.hook_resid_post"]}}, "hook_name must be a string"),
+        ({"metadata": {"model_name": 7}}, "base_model must be a string"),
+        ({"metadata": [1]}, "metadata must be a JSON object"),
+        (
+            {"activation_fn_kwargs": "k=5", "k": MISSING},
+            "activation_fn_kwargs must be a JSON object",
+        ),
+    ],
+)
+def test_bad_saelens_config_values_are_named(tmp_path, overrides, message):
+    saelens_folder(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    (tmp_path / "cfg.json").write_text(
+        json.dumps({k: v for k, v in {**cfg, **overrides}.items() if v is not MISSING})
+    )
+    with pytest.raises(SAELoadError, match=rf"cfg\.json: .*{re.escape(message)}"):
+        TopKSAE.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("factor", ["32", [1], 0])
+def test_bad_sparsify_expansion_factor_is_named(tmp_path, factor):
+    """A list or string factor would be repeated d_in times before any check."""
+    sparsify_folder(tmp_path / "layers.1", num_latents=None, expansion_factor=factor)
+    with pytest.raises(SAELoadError, match=r"cfg\.json: expansion_factor must be a positive int"):
+        TopKSAE.from_pretrained(tmp_path)
+
+
+def test_bad_dictionary_learning_buffer_is_named(tmp_path):
+    folder = tmp_path / "trainer_0"
+    write_dictionary_learning(folder, raw_weights(), layer=1, k=K)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "buffer": ["mask"]}))
+    with pytest.raises(SAELoadError, match=r"config\.json: buffer must be a JSON object"):
+        TopKSAE.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ('{"d_in": ' + "9" * 5000 + "}", r"Exceeds the limit \(4300 digits\)"),
+    ],
+)
+def test_unreadable_json_names_the_file(tmp_path, text, message):
+    """Python's own limits (recursion, digits of an int) are named with the file."""
+    saelens_folder(tmp_path)
+    (tmp_path / "cfg.json").write_text(text)
+    with pytest.raises(SAELoadError, match=rf"cfg\.json.*{message}"):
+        TopKSAE.from_pretrained(tmp_path)
+
+
+# --- Hookpoints: what maps exactly onto a block's output is mapped; the rest is refused in use ---
+
+
+@pytest.mark.parametrize(
+    "hook, layer, hookpoint",
+    [
+        ("blocks.3.hook_resid_post", 3, "resid_post"),
+        ("blocks.3.hook_resid_pre", 2, "resid_post"),  # the input of block 3 = output of block 2
+        ("blocks.0.hook_resid_pre", 0, "blocks.0.hook_resid_pre"),  # the embedding output
+        ("blocks.3.hook_mlp_out", 3, "blocks.3.hook_mlp_out"),
+        ("blocks.3.hook_resid_mid", 3, "blocks.3.hook_resid_mid"),
+    ],
+)
+@pytest.mark.parametrize("hook_layer", [False, True])
+def test_saelens_hook_maps_to_a_block_output_or_keeps_its_name(
+    tmp_path, hook, layer, hookpoint, hook_layer
+):
+    """SAELens before 6 also writes hook_layer (the block of the hook: 3 for resid_pre of 3)."""
+    extra = {"hook_layer": layer_from_hookpoint(hook)} if hook_layer else {}
+    saelens_folder(tmp_path, metadata={"hook_name": hook}, **extra)
+    sae = TopKSAE.from_pretrained(tmp_path, layer=layer)
+    assert (sae.layer, sae.hookpoint) == (layer, hookpoint)
+    assert_same_math(sae, raw_weights(6))
+    if hookpoint == "resid_post":
+        assert sae.require_resid_post("The test") is sae
+    else:
+        with pytest.raises(ValueError, match=rf"The test .* reads {re.escape(repr(hook))}"):
+            sae.require_resid_post("The test")
+
+
+def test_sparsify_mlp_sae_is_refused_on_the_residual_stream(tmp_path):
+    sparsify_folder(tmp_path / "layers.4.mlp")
+    sae = TopKSAE.from_pretrained(tmp_path)
+    assert (sae.layer, sae.hookpoint) == (4, "layers.4.mlp")
+    with pytest.raises(
+        ValueError,
+        match=r"SAE-spliced evaluation applies SAEs to the residual stream after a block "
+        r"\(resid_post\), but this SAE reads 'layers\.4\.mlp' of block 4.*hookpoint 'resid_post'",
+    ):
+        evaluate_suite(None, {(4, K): sae}, "mask", Corruption(), DataConfig(), 16)
+    with pytest.raises(ValueError, match=r"collect_features applies .* reads 'layers\.4\.mlp'"):
+        collect_features(None, {(4, K): sae}, "mask", Corruption(), DataConfig(), 16)

@@ -10,19 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from hub_sae.models import is_llada, load_base_model
 from hub_sae.models.llada import (
-    INDEX_FILE,
     LLaDAConfig,
     LLaDAModelLM,
-    apply_rope,
     load_llada,
     load_llada_model,
-    rope_cos_sin,
     save_llada_model,
 )
+from hub_sae.models.native import INDEX_FILE, apply_rope, rope_cos_sin
+from hub_sae.training.plan import model_shape
+from tests.checkpoints import edit_shard
 
 BLOCK_PARAMS = (
     "attn_norm",
@@ -145,6 +144,70 @@ def test_parameter_names_match_the_official_checkpoint(saved):
     assert set(weight_map) == official
 
 
+INSTRUCT_CONFIG = {
+    "activation_type": "silu",
+    "alibi": False,
+    "alibi_bias_max": 8.0,
+    "architectures": ["LLaDAModelLM"],
+    "attention_dropout": 0.0,
+    "attention_layer_norm": False,
+    "attention_layer_norm_with_affine": True,
+    "auto_map": {
+        "AutoConfig": "configuration_llada.LLaDAConfig",
+        "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
+        "AutoModel": "modeling_llada.LLaDAModelLM",
+    },
+    "bias_for_layer_norm": False,
+    "block_group_size": 1,
+    "block_type": "llama",
+    "d_model": 4096,
+    "embedding_dropout": 0.0,
+    "embedding_size": 126464,
+    "eos_token_id": 126081,
+    "flash_attention": False,
+    "include_bias": False,
+    "include_qkv_bias": False,
+    "init_cutoff_factor": None,
+    "init_device": "meta",
+    "init_fn": "mitchell",
+    "init_std": 0.02,
+    "input_emb_norm": False,
+    "layer_norm_type": "rms",
+    "layer_norm_with_affine": True,
+    "mask_token_id": 126336,
+    "max_sequence_length": 4096,
+    "mlp_hidden_size": 12288,
+    "mlp_ratio": 4,
+    "model_type": "llada",
+    "multi_query_attention": None,
+    "n_heads": 32,
+    "n_kv_heads": 32,
+    "n_layers": 32,
+    "pad_token_id": 126081,
+    "precision": "amp_bf16",
+    "residual_dropout": 0.0,
+    "rms_norm_eps": 1e-05,
+    "rope": True,
+    "rope_full_precision": True,
+    "rope_theta": 500000.0,
+    "scale_logits": False,
+    "transformers_version": "4.46.3",
+    "use_cache": False,
+    "vocab_size": 126464,
+    "weight_tying": False,
+}
+"""config.json of GSAI-ML/LLaDA-8B-Instruct (LLaDA-1.5 has the same keys and values)."""
+
+
+def test_instruct_and_llada_1_5_config_json_loads(tmp_path):
+    """The Instruct / 1.5 config names the remote code (auto_map) and options hub-sae checks."""
+    assert LLaDAConfig.from_dict(INSTRUCT_CONFIG) == LLaDAConfig()
+    (tmp_path / "config.json").write_text(json.dumps(INSTRUCT_CONFIG))
+    assert is_llada(str(tmp_path))
+    # LLaDA-8B's 8.02B parameters, counted on `meta` from this config.json
+    assert model_shape(str(tmp_path)) == (8_015_581_184, 4096, 32)
+
+
 def test_config_from_real_config_json_ignores_unknown_keys():
     real = {
         "d_model": 4096,
@@ -180,7 +243,7 @@ def test_attention_is_bidirectional():
 def test_rope_matches_complex_rotation(theta, tol):
     """Angles are float32 as in LLaDA, so fast rotations (small theta) drift by ~1e-6 rad."""
     x = torch.randn(2, 4, 16, 32, generator=torch.Generator().manual_seed(2))
-    rotated = apply_rope(x, *rope_cos_sin(16, 32, theta))
+    rotated = apply_rope(x, *rope_cos_sin(torch.arange(16), 32, theta))
     torch.testing.assert_close(rotated, reference_rope(x, theta), atol=tol, rtol=tol)
 
 
@@ -204,7 +267,9 @@ def test_block_matches_explicit_attention(n_kv_heads):
     key_mask[1, 6:] = False
     with torch.no_grad():
         out = block(
-            x, rope_cos_sin(9, config.head_dim, config.rope_theta), key_mask[:, None, None, :]
+            x,
+            rope_cos_sin(torch.arange(9), config.head_dim, config.rope_theta),
+            key_mask[:, None, None, :],
         )
         torch.testing.assert_close(
             out, reference_block(block, x, config, key_mask), atol=1e-5, rtol=0
@@ -227,15 +292,6 @@ def test_forward_hook_on_a_block_replaces_resid_post():
     assert seen["resid_post"].shape == (1, 6, 64)
     ln_f, head = model.model.transformer.ln_f, model.model.transformer.ff_out
     torch.testing.assert_close(hooked, head(ln_f(torch.zeros(1, 6, 64))).expand_as(hooked))
-
-
-def edit_shard(path: Path, name: str, edit) -> str:
-    """Apply `edit` to the tensors of the shard holding `name`, in place; returns the shard name."""
-    shard = path / json.loads((path / INDEX_FILE).read_text())["weight_map"][name]
-    tensors = load_file(shard)
-    edit(tensors)
-    save_file(tensors, shard, metadata={"format": "pt"})
-    return shard.name
 
 
 def test_shard_missing_a_tensor_names_it(saved):

@@ -1,3 +1,7 @@
+import ast
+import graphlib
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -185,3 +189,68 @@ def test_unknown_weight_grad_path_is_named(sae, monkeypatch):
     monkeypatch.setitem(weight_grad_path, "cpu", "dense")
     with pytest.raises(ValueError, match="weight_grad_path must be one of"):
         sae(torch.randn(8, 32)).fvu.backward()
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """The hub_sae modules a file imports anywhere (function-level too), except under
+    TYPE_CHECKING and except a package's own submodules (its re-exports and lazy dispatch)."""
+    modules = set()
+    stack = list(ast.parse(path.read_text()).body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING"):
+            stack.extend(node.orelse)
+            continue
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hub_sae"):
+            modules |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+        elif isinstance(node, ast.Import):
+            modules |= {a.name for a in node.names if a.name.startswith("hub_sae")}
+        stack.extend(ast.iter_child_nodes(node))
+    return {m for m in modules if m != package and not m.startswith(f"{package}.")}
+
+
+def test_hub_sae_imports_form_no_circle():
+    """No module needs, even lazily, a module that needs it back (issue 20: sae -> formats ->
+    suite -> features -> sae); graphlib names the circle if there is one."""
+    root = Path(hub_sae.sae.__file__).parent
+    files = {
+        ".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in root.rglob("*.py")
+    }
+    graph = {
+        name: {m for m in _imports(path, name) if m in files} - {name}
+        for name, path in files.items()
+    }
+    assert "hub_sae.formats" in graph["hub_sae.sae"]  # the scan sees lazy imports
+    list(graphlib.TopologicalSorter(graph).static_order())  # a CycleError names the circle
+
+
+@pytest.mark.parametrize("shape", [(7, 31), (7, 64), (2, 3, 33), (31,)])
+def test_input_of_the_wrong_width_names_d_in(sae, shape):
+    x = torch.randn(shape)
+    with pytest.raises(ValueError, match=rf"expected last dim d_in=32, got {shape[-1]}"):
+        sae.encode(x)
+    with pytest.raises(ValueError, match=rf"expected last dim d_in=32, got {shape[-1]}"):
+        sae(x)
+
+
+def test_forward_takes_one_row_per_token(sae):
+    with pytest.raises(ValueError, match=r"forward takes \[N, d_in=32\].*reshape\(-1, 32\)"):
+        sae(torch.randn(2, 5, 32))
+
+
+@pytest.mark.parametrize(
+    "layer, hookpoint, problem",
+    [
+        (3, "layers.3.mlp", "reads 'layers.3.mlp' of block 3"),
+        (0, "blocks.0.hook_resid_pre", "reads 'blocks.0.hook_resid_pre' of block 0"),
+        (None, "resid_post", "reads 'resid_post' of no block (its layer is unset)"),
+    ],
+)
+def test_require_resid_post_names_hookpoint_use_and_fix(layer, hookpoint, problem):
+    assert TopKSAE(8, 32, 4, layer=2).require_resid_post("Steer").layer == 2
+    sae = TopKSAE(8, 32, 4, layer=layer, hookpoint=hookpoint)
+    with pytest.raises(ValueError, match=r"Steer applies SAEs to the residual stream") as error:
+        sae.require_resid_post("Steer")
+    assert problem in str(error.value)
+    assert "Use an SAE trained on a block's output" in str(error.value)

@@ -138,6 +138,19 @@ def test_prompt_too_long_is_a_gradio_error(explorer):
         app.analyse(explorer, "word " * 300, 3, 0.0, 0)
 
 
+def test_a_huge_prompt_is_refused_before_tokenising(explorer):
+    """A 10 MB prompt took 9.3 s and 2.2 GB in the tokenizer before its length was checked."""
+    with pytest.raises(gr.Error, match=r"1,000,000 characters long; .* at most 8,192 characters"):
+        app.analyse(explorer, "[MASK] " * 142_857 + "x", 3, 0.0, 0)
+
+
+def test_an_sae_hooked_elsewhere_than_a_block_output_is_refused(explorer):
+    """A sparsify `layers.3.mlp` SAE would be applied to the residual stream after block 3."""
+    mlp = TopKSAE(explorer.base.d_model, 64, 4, layer=3, hookpoint="layers.3.mlp")
+    with pytest.raises(ValueError, match=r"The Space applies SAEs to the residual stream .*mlp"):
+        dataclasses.replace(explorer, saes={**explorer.saes, 3: mlp})
+
+
 def test_bad_inputs_are_clear_errors(explorer):
     with pytest.raises(gr.Error, match=r"Type \[MASK\]"):
         app.analyse(explorer, "No mask in this prompt.", 3, 0.0, 0)
@@ -223,6 +236,15 @@ def test_large_clamp_steers_to_the_features_logit_lens_token(llada):
     generated = [llada.token_text(t) for t in run.steered.tokens[0, run.decoded]]
     assert generated == [target] * 4 and not torch.equal(run.plain.tokens, run.steered.tokens)
     assert run.log_likelihood[1] < run.log_likelihood[0]
+
+
+@pytest.mark.parametrize(
+    "value, mode", [(1e39, "clamp"), (-1e39, "add"), (1e300, "add"), (1e4 + 1, "clamp")]
+)
+def test_steering_value_is_bounded(llada, value, mode):
+    """1e39 overflowed float32 and crashed the handler; 1e300 added decoded padding everywhere."""
+    with pytest.raises(gr.Error, match=r"steering value must lie between -10,000 and 10,000"):
+        app.decode(llada, llada_prompt(2), 2, 0.0, 0, 2, 5, value, mode, 1.0, "masked")
 
 
 def test_default_is_the_published_llada_release(llada, tmp_path, monkeypatch):

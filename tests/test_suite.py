@@ -72,6 +72,8 @@ def test_save_suite_refuses_saes_that_do_not_match_the_info(tmp_path: Path) -> N
         ({**INFO, "corruption": {"t_minimum": 0.1}}, "unexpected keyword argument 't_minimum'"),
         ({**INFO, "training": {"eval_tokens": -5}}, "`training.eval_tokens` must be an integer"),
         ({**INFO, "training": {"dtype": "nn"}}, "`training.dtype` must be one of"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ('{"d_in": ' + "9" * 5000 + "}", r"Exceeds the limit \(4300 digits\)"),
     ],
 )
 def test_a_bad_suite_json_is_named_with_the_fix(tmp_path: Path, content, message: str) -> None:

@@ -159,11 +159,16 @@ def load_base_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
 ) -> BaseModel:
-    """Load `minilm` (embedded default), a LLaDA checkpoint (native code) or any HF model."""
-    if family(name_or_path) == "llada":
+    """Load `minilm` (embedded default), LLaDA or Dream (native code), or any HF model."""
+    kind = family(name_or_path)
+    if kind == "llada":
         from hub_sae.models.llada import load_llada
 
         return load_llada(name_or_path, dtype=dtype or torch.bfloat16, device=device)
+    if kind == "dream":
+        from hub_sae.models.dream import load_dream
+
+        return load_dream(name_or_path, dtype=dtype or torch.bfloat16, device=device)
     from hub_sae.models.hf import load_hf
 
     return load_hf(name_or_path, dtype=dtype or torch.float32, device=device)

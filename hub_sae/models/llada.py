@@ -12,22 +12,26 @@ Positions are 0..T-1 as in LLaDA's own code: pad on the right.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import save_torch_state_dict
-from safetensors import safe_open
 from torch import Tensor, nn
 
-from hub_sae.io import HubOptions, local_path, write_json
 from hub_sae.models import BaseModel
-
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
+from hub_sae.models.native import (
+    RMSNorm,
+    apply_rope,
+    attend,
+    checkpoint_dir,
+    load_tokenizer,
+    load_weights,
+    read_config,
+    rope_cos_sin,
+    save_checkpoint,
+)
 
 _SUPPORTED = {
     "block_type": "llama",
@@ -100,39 +104,6 @@ class LLaDAConfig:
         return {"model_type": "llada", "architectures": ["LLaDAModelLM"], **asdict(self)}
 
 
-class RMSNorm(nn.Module):
-    """RMS norm with a weight and no bias, normalised in float32 as in LLaDA."""
-
-    def __init__(self, d: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(d))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x / rms(x) * weight, in x's dtype."""
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
-
-
-def rope_cos_sin(
-    seq_len: int, head_dim: int, theta: float, device: torch.device | str = "cpu"
-) -> tuple[Tensor, Tensor]:
-    """float32 [T, hd] cos and sin: pair (i, i + hd/2) at position t turns t / theta^(2i/hd)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
-    angles = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate-half RoPE on x [B, H, T, head_dim] in float32, returned in x's dtype."""
-    x32 = x.float()
-    x1, x2 = x32.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x32 * cos + rotated * sin).to(x.dtype)
-
-
 class LLaDABlock(nn.Module):
     """One pre-norm transformer block: bidirectional attention then a SwiGLU MLP."""
 
@@ -161,10 +132,7 @@ class LLaDABlock(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.n_kv_heads != self.n_heads:
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False)
+        out = attend(q, k, v, mask)
         return self.attn_out(out.transpose(1, 2).reshape(B, T, -1))
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None = None) -> Tensor:
@@ -198,9 +166,8 @@ class LLaDAModelLM(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Logits [B, T, embedding_size]; `attention_mask` [B, T] is 1 at tokens, 0 at padding."""
         t = self.model.transformer
-        rope = rope_cos_sin(
-            input_ids.shape[1], self.config.head_dim, self.config.rope_theta, input_ids.device
-        )
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         mask = None
         if attention_mask is not None and not attention_mask.bool().all():
             mask = attention_mask.bool()[:, None, None, :]
@@ -208,26 +175,6 @@ class LLaDAModelLM(nn.Module):
         for block in t.blocks:
             x = block(x, rope, mask)
         return t.ff_out(t.ln_f(x))
-
-
-def _local_dir(name_or_path: str | Path) -> Path:
-    """A local checkpoint folder, downloading `name_or_path` from the Hub when it is a repo id."""
-    path = local_path(name_or_path)
-    if path is not None:
-        return path
-    return HubOptions().snapshot(
-        str(name_or_path), allow_patterns=["*.json", "*.safetensors", "tokenizer*"]
-    )
-
-
-def _shard_files(path: Path) -> tuple[list[Path], dict[str, str]]:
-    """The safetensors files of a checkpoint folder and the index's tensor -> file map (or {})."""
-    if (path / INDEX_FILE).is_file():
-        weight_map: dict[str, str] = json.loads((path / INDEX_FILE).read_text())["weight_map"]
-        return [path / f for f in sorted(set(weight_map.values()))], weight_map
-    if (path / SINGLE_FILE).is_file():
-        return [path / SINGLE_FILE], {}
-    raise FileNotFoundError(f"{path} has neither {SINGLE_FILE} nor {INDEX_FILE}")
 
 
 def load_llada_model(
@@ -240,39 +187,11 @@ def load_llada_model(
     Every tensor is checked against the model: an unexpected, mis-shaped or missing tensor raises
     an error naming it and its file.
     """
-    path = _local_dir(name_or_path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(
-            f"{path} has no config.json: a LLaDA checkpoint folder holds config.json and "
-            f"{SINGLE_FILE} or {INDEX_FILE} with its shards"
-        )
-    config = LLaDAConfig.from_dict(json.loads(config_file.read_text()))
+    path = checkpoint_dir(name_or_path)
+    config = LLaDAConfig.from_dict(read_config(path, "LLaDA"))
     with torch.device("meta"):
         model = LLaDAModelLM(config)
-    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
-    files, weight_map = _shard_files(path)
-    loaded: set[str] = set()
-    for file in files:
-        shard = {}
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                if name not in expected:
-                    raise ValueError(f"{file.name} holds {name}, which LLaDA has no parameter for")
-                shape = tuple(f.get_slice(name).get_shape())
-                if shape != expected[name]:
-                    raise ValueError(
-                        f"{name} in {file.name} has shape {list(shape)}; the config expects "
-                        f"{list(expected[name])}"
-                    )
-                shard[name] = f.get_tensor(name).to(device=device, dtype=dtype)
-        model.load_state_dict(shard, strict=False, assign=True)
-        loaded |= shard.keys()
-    missing = [n for n in expected if n not in loaded]
-    if missing:
-        read = ", ".join(f.name for f in files)
-        lines = [f"{n} {list(expected[n])}: not in {weight_map.get(n, read)}" for n in missing]
-        raise ValueError(f"{path} lacks {len(missing)} tensor(s) of the model: " + "; ".join(lines))
+    load_weights(model, path, "LLaDA", dtype, device)
     return model.eval()
 
 
@@ -280,10 +199,7 @@ def save_llada_model(
     model: LLaDAModelLM, save_directory: str | Path, max_shard_size: int | str = "5GB"
 ) -> None:
     """Write config.json and the weights as safetensors shards (+ index when there are several)."""
-    save_directory = Path(save_directory)
-    save_directory.mkdir(parents=True, exist_ok=True)
-    write_json(save_directory / "config.json", model.config.to_dict())
-    save_torch_state_dict(model.state_dict(), save_directory, max_shard_size=max_shard_size)
+    save_checkpoint(model.state_dict(), model.config.to_dict(), save_directory, max_shard_size)
 
 
 def load_llada(
@@ -292,17 +208,9 @@ def load_llada(
     device: str | torch.device = "cpu",
 ) -> BaseModel:
     """LLaDA (folder or Hub id, e.g. GSAI-ML/LLaDA-8B-Base) and its tokenizer as a BaseModel."""
-    from transformers import PreTrainedTokenizerFast
-
-    path = _local_dir(name_or_path)
-    if not (path / "tokenizer.json").is_file():
-        raise FileNotFoundError(
-            f"{path} has no tokenizer.json: copy tokenizer.json and tokenizer_config.json from the "
-            "original checkpoint, e.g. GSAI-ML/LLaDA-8B-Base"
-        )
+    path = checkpoint_dir(name_or_path)
+    tokenizer = load_tokenizer(path, "GSAI-ML/LLaDA-8B-Base")
     model = load_llada_model(path, dtype=dtype, device=device)
-    # Not AutoTokenizer: it reads config.json, whose auto_map asks to run LLaDA's remote code.
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     config = model.config
     return BaseModel(
         name=str(name_or_path),

@@ -2,13 +2,12 @@
 
 `plan(cfg, processes)` loads no weights and downloads nothing: the base model's size comes from its
 config.json (local folder, the Hugging Face cache, or the embedded MiniLM), built on the meta
-device, or from the known shape of GSAI-ML/LLaDA-8B-Base. The trainer checks it against the
-device's free memory before it loads the model.
+device, or from the known shapes of GSAI-ML/LLaDA-8B-Base and Dream-org/Dream-v0-Base-7B. The
+trainer checks it against the device's free memory before it loads the model.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -17,12 +16,13 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
-from hub_sae.models import DEFAULT_MODEL, is_llada
+from hub_sae.models import DEFAULT_MODEL, _read_config, family_of_config
 from hub_sae.training.config import DISTRIBUTE, TrainConfig
 from hub_sae.training.saes import placement, sae_numel
 
-KNOWN_LLADA = "GSAI-ML/LLaDA-8B-Base"
-"""Planned from hub_sae's LLaDAConfig defaults (its config.json) when no config.json is at hand."""
+KNOWN = {"GSAI-ML/LLaDA-8B-Base": "llada", "Dream-org/Dream-v0-Base-7B": "dream"}
+"""Planned from the defaults of hub_sae's LLaDAConfig / DreamConfig (their config.json) when no
+config.json is at hand."""
 FLOAT = 4
 ADAM_STEP = 4
 """torch's Adam keeps a float32 step counter per parameter tensor."""
@@ -90,23 +90,31 @@ def _hf_model(config, folder: Path) -> torch.nn.Module:
 def model_shape(name: str) -> ModelShape:
     """Parameters, width and depth of `name`, counted on the meta device (no weights)."""
     path = _config_json(name)
-    if path is None and name != KNOWN_LLADA:
+    if path is None and name not in KNOWN:
         raise FileNotFoundError(
             f"cannot plan for {name}: its config.json is neither local nor in the Hugging Face "
             f"cache; fetch it first (`hf download {name} config.json`) or pass a local folder."
         )
+    config = _read_config(path) if path else {}
+    kind = family_of_config(config, str(path)) if path else KNOWN[name]
     with torch.device("meta"):
-        if path is None or is_llada(name):
+        if kind == "llada":
             from hub_sae.models.llada import LLaDAConfig, LLaDAModelLM
 
-            config = LLaDAConfig.from_dict(json.loads(path.read_text())) if path else LLaDAConfig()
-            model = LLaDAModelLM(config)
-            d_model, n_layers, d_ff = config.d_model, config.n_layers, config.mlp_hidden_size
+            llada = LLaDAConfig.from_dict(config)
+            model, d_model, n_layers = LLaDAModelLM(llada), llada.d_model, llada.n_layers
+            d_ff = llada.mlp_hidden_size
+        elif kind == "dream":
+            from hub_sae.models.dream import DreamConfig, DreamModel
+
+            dream = DreamConfig.from_dict(config)
+            model, d_model = DreamModel(dream), dream.hidden_size
+            n_layers, d_ff = dream.num_hidden_layers, dream.intermediate_size
         else:
-            config = AutoConfig.from_pretrained(path.parent)
-            model = _hf_model(config, path.parent)
-            d_model, n_layers = config.hidden_size, config.num_hidden_layers
-            d_ff = getattr(config, "intermediate_size", None) or 4 * d_model
+            hf = AutoConfig.from_pretrained(path.parent)
+            model = _hf_model(hf, path.parent)
+            d_model, n_layers = hf.hidden_size, hf.num_hidden_layers
+            d_ff = getattr(hf, "intermediate_size", None) or 4 * d_model
     return ModelShape(sum(p.numel() for p in model.parameters()), d_model, n_layers, d_ff)
 
 
