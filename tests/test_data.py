@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from hub_sae.data import DataConfig, chunks, iter_texts, pack, token_batches
 from hub_sae.models.hf import default_model_path
-from tests.conftest import ROOT
+from tests.conftest import PEAK_RSS, ROOT
 
 BOS, EOS = 101, 102
 
@@ -134,18 +134,22 @@ def test_long_document_is_tokenized_in_chunks_as_in_one_call(tokenizer) -> None:
     assert len(contexts) == len(whole) // 63 and body == whole[: len(body)]
 
 
-MEASURE = """
-import resource, sys
+MEASURE = (
+    """
+import sys
 from transformers import AutoTokenizer
 from hub_sae.data import DataConfig, token_batches
 from hub_sae.models.hf import default_model_path
 tokenizer = AutoTokenizer.from_pretrained(default_model_path())
 tokenizer("warm up")
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+"""
+    + PEAK_RSS
+    + """
 data = DataConfig(corpus=sys.argv[1], ctx_len=64)
 batches = sum(1 for _ in token_batches(data, tokenizer, 101, 102))
-print(batches, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+print(batches, (kb("VmHWM") - before) // 1024)
 """
+)
 
 
 def test_one_line_corpus_keeps_tokenizer_memory_bounded(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from hub_sae.training.loop import checkpoint, lr_schedule, setup, start, train_s
 from hub_sae.training.plan import base_forward, check_fits, model_shape, plan, plan_mode
 from hub_sae.training.saes import SAESet, geometric_median, owners
 from hub_sae.training.stream import EMPTY_BATCHES, ActivationStream
-from tests.conftest import ROOT, TINY_RUN, finish, launch, wait_gone, workers
+from tests.conftest import PEAK_RSS, ROOT, TINY_RUN, finish, launch, wait_gone, workers
 
 
 def test_suite_is_complete_and_loads(trained_suite: Path) -> None:
@@ -367,8 +367,9 @@ def test_plan_counts_the_real_tensors(minilm) -> None:
     assert modules.comm_bytes_per_step == cfg.sae_batch_size * len(cfg.layers) * 384 * 4
 
 
-HARVEST_PEAK = """
-import resource, sys
+HARVEST_PEAK = (
+    """
+import sys
 from hub_sae.models import load_base_model
 from hub_sae.training import TrainConfig
 from hub_sae.training.stream import ActivationStream
@@ -376,11 +377,14 @@ small, cfg = (TrainConfig(**eval(arg)) for arg in sys.argv[1:])
 base = load_base_model("minilm")
 warm = ActivationStream(base, small, rank=0, world=1)  # reads the corpus, a forward of 16 tokens
 warm.harvest_batch(warm._llm_batches())
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+"""
+    + PEAK_RSS
+    + """
 stream = ActivationStream(base, cfg, rank=0, world=1)
 stream.harvest_batch(stream._llm_batches())
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+print(kb("VmHWM") - before)
 """
+)
 
 
 def test_plan_bounds_the_measured_peak_of_a_harvest() -> None:
