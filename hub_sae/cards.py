@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from hub_sae.data import DEFAULT_CORPUS
 from hub_sae.evaluate import METRICS, SUMMARY_FILE, T_BINS
@@ -39,11 +41,15 @@ DIGITS = 4
 
 LIBRARY = "hub-sae"
 LICENSE = "apache-2.0"
+DLM_TAG = "diffusion-language-model"
+DLM_ONLY = ("dlm_scope_", "policy_splice_")
+"""Metrics of masked (diffusion) LMs; `next_token_*` are the autoregressive family's."""
+FAMILY_METRICS = (*DLM_ONLY, "next_token_")
 TAGS = [
     "sparse-autoencoder",
     "interpretability",
     "mechanistic-interpretability",
-    "diffusion-language-model",
+    DLM_TAG,
     "topk-sae",
 ]
 HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
@@ -110,6 +116,15 @@ class CardSpec:
     license: str = LICENSE
     n_blocks: int | None = None
     training_note: str = "From the run config stored in `suite.json` (`training`)."
+
+    def __post_init__(self) -> None:
+        try:  # the card's metadata, title and load snippet quote it
+            validate_repo_id(self.repo_id)
+        except HFValidationError as e:
+            raise ValueError(
+                f"the card's repo id {self.repo_id!r} is not a hub repo id ({e}); give "
+                "--repo-id owner/name."
+            ) from None
 
 
 def _is_number(value: object) -> bool:
@@ -221,6 +236,8 @@ def by_t_table(metrics: dict[tuple[int, int], dict]) -> str:
 
 def _corruption_text(run: dict) -> str:
     """The corruption schedule of a run config, in words."""
+    if run.get("policy") == "clean":
+        return "none: the clean policy reads uncorrupted text"
     if run["schedule"] == "llada":
         return (
             "LLaDA's pretraining process: per sequence t ~ U(0, 1), mask probability "
@@ -248,7 +265,8 @@ def training_rows(spec: CardSpec) -> list[tuple[str, str]]:
         ),
         (
             "width",
-            f"{spec.d_sae:,} latents" + (f" ({spec.d_sae / d_in:g} x {d_in:,})" if d_in else ""),
+            f"{spec.d_sae:,} latents"
+            + (f" ({spec.d_sae // d_in} x {d_in:,})" if d_in and spec.d_sae % d_in == 0 else ""),
         ),
         ("k", ", ".join(map(str, spec.ks))),
         ("training tokens", f"{t['total_tokens']:,} activations per SAE"),
@@ -339,6 +357,20 @@ def plot_by_t(spec: CardSpec) -> bytes:
     return buffer.getvalue()
 
 
+def is_autoregressive(base_model: str) -> bool:
+    """Whether `base_model` is a causal LM (family ar), read from its name or local config.json;
+    False when neither tells (a card is never held up by a download)."""
+    from hub_sae.models import family, known_family
+
+    known = known_family(base_model)
+    if known is not None:
+        return known == "ar"
+    try:
+        return Path(base_model).expanduser().is_dir() and family(base_model) == "ar"
+    except (OSError, ValueError):
+        return False
+
+
 def render_card(spec: CardSpec, template: str | Path = TEMPLATE) -> ModelCard:
     """The card of `spec`: metadata (incl. model-index) and body from the Jinja `template`."""
     template = Path(template)
@@ -348,6 +380,9 @@ def render_card(spec: CardSpec, template: str | Path = TEMPLATE) -> ModelCard:
             "(model_cards/template.md) or pass --template PATH."
         )
     base_id = _hub_id(spec.base_model)
+    autoregressive = is_autoregressive(spec.base_model)
+    tags = [t for t in TAGS if not (autoregressive and t == DLM_TAG)] + [f"{spec.policy}-policy"]
+    tags += ["autoregressive-baseline"] if autoregressive else []
     dataset_id = _hub_id(spec.training["corpus"].partition(":")[0])
     card_data = ModelCardData(
         model_name=spec.repo_id,
@@ -355,12 +390,18 @@ def render_card(spec: CardSpec, template: str | Path = TEMPLATE) -> ModelCard:
         datasets=[dataset_id] if dataset_id else None,
         library_name=LIBRARY,
         license=spec.license,
-        tags=[*TAGS, f"{spec.policy}-policy"],
+        tags=tags,
         eval_results=eval_results(spec) or None,
     )
     layer = spec.default_layer if spec.default_layer in spec.layers else spec.layers[0]
     measured = [k for (m_layer, k) in sorted(spec.metrics) if m_layer == layer] or spec.ks
-    if spec.source:
+    if spec.source and not spec.metrics:
+        metrics_intro = (
+            f"No per-SAE metrics of this release are reported by {spec.source.name} "
+            f"({spec.source.url}); `hub-sae eval` measures the metrics below on a suite it can "
+            "load with its base model."
+        )
+    elif spec.source:
         metrics_intro = (
             f"Reported by {spec.source.name} ({spec.source.url}): {spec.source.note}. "
             "FVU = 1 - variance explained."
@@ -392,7 +433,12 @@ def render_card(spec: CardSpec, template: str | Path = TEMPLATE) -> ModelCard:
         or SUITE_LAYOUT.format(
             folder=_folder_pattern(spec.ks), plot=PLOT_FILE, by_t_plot=BY_T_PLOT_FILE
         ),
-        metric_definitions=[(m.key, m.label, m.meaning) for m in METRICS],
+        metric_definitions=[
+            (m.key, m.label, m.meaning)
+            for m in METRICS
+            if m.key.startswith(DLM_ONLY) != autoregressive or not m.key.startswith(FAMILY_METRICS)
+        ],
+        has_metrics=bool(spec.metrics),
         by_t_plot=BY_T_PLOT_FILE if has_by_t(spec) else None,
         by_t_table=by_t_table(spec.metrics),
         t_bins=", ".join(f"[{a:g}, {b:g})" for a, b in T_BINS),
@@ -406,6 +452,7 @@ def render_card(spec: CardSpec, template: str | Path = TEMPLATE) -> ModelCard:
         sae_k=measured[0],
         corpus=spec.training["corpus"],
         bibtex=BIBTEX,
+        autoregressive=autoregressive,
     )
 
 
@@ -421,11 +468,13 @@ def metric_tokens(spec: CardSpec) -> str:
 
 
 def write_card(spec: CardSpec, out_dir: str | Path, template: str | Path = TEMPLATE) -> Path:
-    """Write README.md and the FVU plot into `out_dir`; returns the card's path."""
+    """Write README.md and the FVU plot (when there are metrics) into `out_dir`; returns the
+    card's path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     card = render_card(spec, template)
-    write_atomic(out_dir / PLOT_FILE, plot_fvu(spec))
+    if spec.metrics:
+        write_atomic(out_dir / PLOT_FILE, plot_fvu(spec))
     if has_by_t(spec):
         write_atomic(out_dir / BY_T_PLOT_FILE, plot_by_t(spec))
     write_atomic(out_dir / CARD_FILE, str(card).encode())

@@ -8,26 +8,47 @@
     hub-sae export SAE_OR_SUITE --format saelens|sparsify --out DIR
                                                             folders SAELens / sparsify load
 
-SUITE is a suite folder, or (eval, card) a hub repo id downloaded with snapshot_download.
+SUITE is a suite folder, or (eval, card) a hub repo id: downloaded into the hub cache and copied
+into --out DIR (a new folder), where the command writes; nothing is written into the cache or into
+a folder picked by the repo's name.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
 
-def resolve_suite(suite: str, local_dir: str | None = None, revision: str | None = None) -> Path:
-    """A local suite folder; a hub repo `suite` is downloaded to `local_dir` (default ./NAME)."""
-    from hub_sae.io import HubOptions, local_path
+def suite_to_write(suite: str, out: str | None, revision: str | None, command: str) -> Path:
+    """The folder `hub-sae COMMAND` writes into: a local suite itself, or a copy in `out` (a new
+    folder) of a local suite or of a hub repo's snapshot in the hub cache. A repo id needs `out`."""
+    from hub_sae.io import HubOptions, local_path, new_folder, write_folder
 
     path = local_path(suite)
-    if path is not None:
+    if path is not None and out is None:
         return path
-    return HubOptions(revision=revision).snapshot(
-        suite, local_dir=local_dir or suite.split("/")[-1]
-    )
+    if out is None:
+        raise ValueError(
+            f"{suite} is a hub repo id, and `hub-sae {command}` writes into the suite: give a new "
+            f"folder for a copy of it with --out DIR (e.g. --out ./{suite.split('/')[-1]})."
+        )
+    with new_folder(out) as target:
+        source = path or HubOptions(revision=revision).snapshot(suite)
+        # a local suite's links stay links (the checks that follow refuse those leading out);
+        # the cache's links to its blobs are copied as files
+        write_folder(
+            target,
+            lambda tmp: shutil.copytree(
+                source,
+                tmp,
+                symlinks=path is not None,
+                ignore=shutil.ignore_patterns(".*"),
+                dirs_exist_ok=True,
+            ),
+        )
+    return Path(out)
 
 
 def positive_int(text: str) -> int:
@@ -68,7 +89,7 @@ def _eval(args: argparse.Namespace) -> int:
     from hub_sae.evaluate import SUMMARY_FILE, evaluate_saved_suite
 
     device = torch_device(args.device)
-    root = resolve_suite(args.suite, args.local_dir, args.revision)
+    root = suite_to_write(args.suite, args.out, args.revision, "eval")
     metrics = evaluate_saved_suite(
         root, args.max_tokens, device, args.dtype, args.corpus, args.split, args.seed
     )
@@ -81,6 +102,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _card(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """`hub-sae card`: write the model card and plot of a suite or of a release."""
     from hub_sae.cards import PLOT_FILE, release_spec, suite_spec, write_card
+    from hub_sae.io import folder_lock, local_path
 
     if args.release:
         if args.suite or not (args.metrics and args.out):
@@ -88,14 +110,17 @@ def _card(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         spec = release_spec(args.release, args.metrics, args.repo_id)
         out = Path(args.out)
     elif args.suite:
-        out = resolve_suite(args.suite, args.local_dir, args.revision)
-        spec = suite_spec(out, args.repo_id)
+        out = suite_to_write(args.suite, args.out, args.revision, "card")
+        repo_id = args.repo_id or (args.suite if local_path(args.suite) is None else None)
+        spec = suite_spec(out, repo_id)
     else:
         parser.error("card needs SUITE, or --release CONFIG --metrics JSON --out DIR")
     if args.license:
         spec.license = args.license
-    path = write_card(spec, out, args.template)
-    print(f"wrote {path} and {out / PLOT_FILE} (for {spec.repo_id})")
+    with folder_lock(out):
+        path = write_card(spec, out, args.template)
+    plot = f" and {out / PLOT_FILE}" if spec.metrics else ""
+    print(f"wrote {path}{plot} (for {spec.repo_id})")
     return 0
 
 
@@ -104,13 +129,10 @@ def _push(args: argparse.Namespace) -> int:
     from hub_sae.publish import check_publishable, format_file_list, push_suite, stray_files
 
     root = Path(args.suite)
-    files = check_publishable(root, args.repo_id)
-    for stray in stray_files(root, files):
-        print(
-            f"warning: {stray.local_path} ({stray.size:,} bytes) is not part of the suite but "
-            "would be uploaded; move it out of the folder if it should not be.",
-            file=sys.stderr,
-        )
+    files = check_publishable(root, args.repo_id, args.include)
+    extra = [f.path_in_repo for f in stray_files(root, files)]
+    if extra:
+        print(f"beyond the suite layout, named by --include: {', '.join(extra)}", file=sys.stderr)
     if args.dry_run:
         visibility = "private" if args.private else "public"
         print(
@@ -127,6 +149,7 @@ def _push(args: argparse.Namespace) -> int:
         args.revision,
         args.create_pr,
         files=files,
+        include=args.include,
     )
     where = f"pull request {commit.pr_url}" if commit.pr_url else f"one commit: {commit.commit_url}"
     print(f"pushed {root} to {args.repo_id} in {where}")
@@ -175,15 +198,23 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument("--repo-id", help="repo the card is for (default: the suite folder's name)")
     card.add_argument("--release", metavar="CONFIG", help="training YAML of a release")
     card.add_argument("--metrics", metavar="JSON", help="reported metrics of the release")
-    card.add_argument("--out", metavar="DIR", help="folder for the release's card")
+    card.add_argument(
+        "--out",
+        metavar="DIR",
+        help="new folder: for the release's card, or for a copy of SUITE to write the card into "
+        "(needed when SUITE is a repo id)",
+    )
     card.add_argument("--license", help="license of the SAE weights (default: apache-2.0)")
     card.add_argument("--template", help="Jinja card template (default: model_cards/template.md)")
 
+    ev.add_argument(
+        "--out",
+        metavar="DIR",
+        help="new folder for a copy of SUITE to write the metrics into (needed when SUITE is a "
+        "repo id; default: SUITE itself)",
+    )
     for sub in (ev, card):
         sub.add_argument("--revision", help="hub revision, when SUITE is a repo id")
-        sub.add_argument(
-            "--local-dir", help="download folder, when SUITE is a repo id (default: ./NAME)"
-        )
 
     push = commands.add_parser("push", help="upload a complete suite in one commit")
     push.add_argument("suite", help="suite folder")
@@ -197,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--revision", help="branch to commit to (default: main)")
     push.add_argument(
         "--create-pr", action="store_true", help="open a pull request instead of committing"
+    )
+    push.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="also upload the files beyond the suite layout that PATTERN names (a glob on the path "
+        "in the repo, e.g. 'notes/*'); others are refused. Repeatable",
     )
 
     exp = commands.add_parser("export", help="write SAELens or sparsify folders of a suite or SAE")
@@ -216,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         from hub_sae.cards import TEMPLATE
 
         args.template = TEMPLATE
+    from hub_sae.io import FolderBusyError
+
     try:
         if args.command == "eval":
             return _eval(args)
@@ -224,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             return _export(args)
         return _push(args)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, FolderBusyError) as e:
         print(f"hub-sae: error: {e}", file=sys.stderr)
         return 1
 

@@ -8,6 +8,9 @@ Two spliced losses, never to be confused:
   replaces block L's output at ALL positions; `mask`: cross entropy at masked positions weighted
   1/t, `unmask`: at unmasked positions weighted 1/(1 - t); minus the same without the SAE,
   averaged over t in the training range [0.05, 0.5].
+An autoregressive model (family ar) runs the clean policy only: its spliced loss is next-token
+cross entropy (`next_token_*`) and it has no metrics by t. Every cross entropy scores token j with
+`BaseModel.align`ed logits, i.e. with the logits at j - 1 for shifted families (Dream, ar).
 Models without an LM head get the cosine and relative MSE of their final hidden state instead; the
 embedded default (MiniLM) gets a fitted unmasking head (`models.unmasking`) so it has losses.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
@@ -28,8 +32,8 @@ from tqdm.auto import tqdm
 
 from hub_sae.activations import capture, harvest_text, splice
 from hub_sae.data import DataConfig, token_batches
-from hub_sae.masking import CorruptedBatch, Corruption, corrupt
-from hub_sae.models import BaseModel, load_base_model
+from hub_sae.masking import CorruptedBatch, Corruption, check_policy, corrupt
+from hub_sae.models import BaseModel, family, load_base_model
 from hub_sae.models.unmasking import with_unmasking_head
 from hub_sae.sae import TopKSAE
 
@@ -78,6 +82,19 @@ METRICS = (
         "share of the zero-ablation loss increase that the policy splice avoids",
     ),
     Metric(
+        "next_token_delta_ce",
+        "delta next-token CE",
+        ".4f",
+        "autoregressive models (clean policy): next-token cross entropy over every real token but "
+        "the first, with the reconstruction spliced in at all of them, minus the clean one",
+    ),
+    Metric(
+        "next_token_loss_recovered",
+        "loss recovered (next token)",
+        ".3f",
+        "autoregressive models: share of the zero-ablation next-token loss increase the splice avoids",
+    ),
+    Metric(
         "output_recovered",
         "output recovered (policy splice)",
         ".3f",
@@ -123,31 +140,51 @@ class _Moments:
         return self.sq_err / total
 
 
+def _token_ce(logits: Tensor, targets: Tensor) -> Tensor:
+    """[B, T] cross entropy of each target token under aligned logits (row j scores token j)."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    return ce.view_as(targets)
+
+
 def masked_lm_loss(logits: Tensor, targets: Tensor, batch: CorruptedBatch) -> Tensor:
-    """LLaDA's objective: cross entropy on masked tokens weighted 1/p, averaged over real tokens."""
-    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(
-        targets
-    )
+    """LLaDA's objective: cross entropy on masked tokens weighted 1/p, averaged over real tokens.
+
+    `logits` are aligned (`BaseModel.align`): row j scores token j."""
     weights = batch.is_masked.float() / batch.p.clamp_min(1e-6)[:, None]
-    return (ce * weights).sum() / targets.numel()
+    return (_token_ce(logits, targets) * weights).sum() / targets.numel()
 
 
 def unmasked_lm_loss(logits: Tensor, targets: Tensor, batch: CorruptedBatch) -> Tensor:
-    """DLM-Scope's unmask variant: cross entropy on visible tokens but BOS weighted 1/(1 - p)."""
-    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(
-        targets
-    )
+    """DLM-Scope's unmask variant: cross entropy on visible tokens but BOS weighted 1/(1 - p).
+
+    `logits` are aligned (`BaseModel.align`): row j scores token j."""
     visible = ~batch.is_masked
     visible[:, 0] = False
     weights = visible.float() / (1 - batch.p).clamp_min(1e-6)[:, None]
-    return (ce * weights).sum() / targets.numel()
+    return (_token_ce(logits, targets) * weights).sum() / targets.numel()
+
+
+def next_token_loss(logits: Tensor, targets: Tensor, batch: CorruptedBatch) -> Tensor:
+    """An autoregressive model's loss: mean cross entropy over the selected tokens (every real
+    token but the first under the clean policy), each predicted by aligned logits from the
+    position before it."""
+    selected = batch.selected.to(logits.device)
+    return _token_ce(logits, targets)[selected].mean()
+
+
+def predictions(base: BaseModel, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """`base.run`: logits aligned so row j scores token j (`BaseModel.align`), or without an LM
+    head the final hidden state."""
+    out = base.run(input_ids, attention_mask)
+    return base.align(out) if base.has_lm_head else out
 
 
 @torch.no_grad()
 def splice_outputs(
     base: BaseModel, sae: TopKSAE, batch: CorruptedBatch, attention_mask: Tensor
 ) -> dict[str, Tensor]:
-    """The model's output clean, with the SAE spliced in at the selected positions, and zero-ablated."""
+    """The model's `predictions` clean, with the SAE spliced in at the selected positions, and
+    zero-ablated."""
     selected = batch.selected
 
     def with_reconstruction(h: Tensor) -> Tensor:
@@ -158,10 +195,10 @@ def splice_outputs(
     def with_zeros(h: Tensor) -> Tensor:
         return h.masked_fill(selected[..., None], 0)
 
-    outputs = {"clean": base.run(batch.input_ids, attention_mask)}
+    outputs = {"clean": predictions(base, batch.input_ids, attention_mask)}
     for name, fn in (("spliced", with_reconstruction), ("zero", with_zeros)):
         with splice(base, sae.layer, fn):
-            outputs[name] = base.run(batch.input_ids, attention_mask)
+            outputs[name] = predictions(base, batch.input_ids, attention_mask)
     return outputs
 
 
@@ -176,9 +213,13 @@ def _splice_metrics(
     for input_ids, attention_mask, batch in batches:
         out = splice_outputs(base, sae, batch, attention_mask)
         if base.has_lm_head:
-            if batch.is_masked.any():
+            ar = base.family == "ar"
+            prefix, loss = (
+                ("next_token", next_token_loss) if ar else ("policy_splice", masked_lm_loss)
+            )
+            if (batch.selected if ar else batch.is_masked).any():
                 for name, logits in out.items():
-                    add(f"policy_splice_ce_{name}", masked_lm_loss(logits, input_ids, batch))
+                    add(f"{prefix}_ce_{name}", loss(logits, input_ids, batch))
         else:
             real = attention_mask.bool()
             clean = out["clean"][real].float()
@@ -188,13 +229,13 @@ def _splice_metrics(
                 add(f"rel_mse_{name}", (other - clean).pow(2).sum() / clean.pow(2).sum())
     n = len(batches)
     metrics = {name: value / n for name, value in sums.items()}
-    if "policy_splice_ce_clean" in metrics:
-        clean, spliced, zero = (
-            metrics[f"policy_splice_ce_{n}"] for n in ("clean", "spliced", "zero")
-        )
+    for prefix in ("policy_splice", "next_token"):
+        if f"{prefix}_ce_clean" not in metrics:
+            continue
+        clean, spliced, zero = (metrics[f"{prefix}_ce_{n}"] for n in ("clean", "spliced", "zero"))
         gap = zero - clean
-        metrics["policy_splice_loss_recovered"] = (zero - spliced) / gap if gap else math.nan
-        metrics["policy_splice_delta_ce"] = spliced - clean
+        metrics[f"{prefix}_loss_recovered"] = (zero - spliced) / gap if gap else math.nan
+        metrics[f"{prefix}_delta_ce"] = spliced - clean
     if "rel_mse_zero" in metrics:
         metrics["output_recovered"] = 1 - metrics["rel_mse_spliced"] / metrics["rel_mse_zero"]
     return metrics
@@ -236,8 +277,14 @@ def evaluate_by_t(
     DLM-Scope's spliced losses (with an LM head).
 
     Every bin reads the same `batches_per_bin` held-out batches, masked with one t ~ U(bin) per
-    batch; the SAEs see every real position but BOS, whatever their training policy.
+    batch; the SAEs see every real position but BOS, whatever their training policy. An
+    autoregressive model never saw masked inputs: it has no metrics by t.
     """
+    if base.family == "ar":
+        raise ValueError(
+            f"{base.name} is autoregressive (family ar), never trained on masked inputs: metrics by "
+            "masking ratio t mean nothing for it; evaluate it with by_t_batches=0"
+        )
     batches = list(
         itertools.islice(
             token_batches(data, base.tokenizer, base.bos_token_id, base.eos_token_id),
@@ -263,7 +310,7 @@ def evaluate_by_t(
             )
             acts = capture(base, batch.input_ids, attention_mask, layers)
             groups = {"masked": batch.is_masked, "unmasked": batch.selected & ~batch.is_masked}
-            clean = base.run(batch.input_ids, attention_mask) if base.has_lm_head else None
+            clean = predictions(base, batch.input_ids, attention_mask) if base.has_lm_head else None
             for (layer, k), sae in saes.items():
                 h = acts[layer]
                 out = sae(h.flatten(0, 1).to(sae.device, sae.dtype))
@@ -277,7 +324,7 @@ def evaluate_by_t(
                 if clean is None:
                     continue
                 with splice(base, layer, lambda _, recon=recon: recon):
-                    spliced = base.run(batch.input_ids, attention_mask)
+                    spliced = predictions(base, batch.input_ids, attention_mask)
                 for variant, loss in (("mask", masked_lm_loss), ("unmask", unmasked_lm_loss)):
                     delta = loss(spliced, input_ids, batch) - loss(clean, input_ids, batch)
                     bin_sums.delta[variant] += float(delta)
@@ -328,11 +375,13 @@ def evaluate_suite(
     """Metrics per (layer, k) on held-out text; one base-model forward feeds every layer's SAEs.
 
     The embedded default gets its fitted unmasking head first (cached after the first fit), so
-    its spliced losses are cross entropies; `by_t_batches` batches feed each t bin (0: none);
-    `progress` shows tqdm bars over the held-out positions and the spliced runs.
+    its spliced losses are cross entropies; `by_t_batches` batches feed each t bin (0 and
+    autoregressive models: none); `progress` shows tqdm bars over the held-out positions and the
+    spliced runs.
     """
     for sae in saes.values():
         sae.require_resid_post("SAE-spliced evaluation")
+    check_policy(policy, base.family)
     base = with_unmasking_head(base)
     layers = sorted({layer for layer, _ in saes})
     moments = {key: _Moments(sae.d_in) for key, sae in saes.items()}
@@ -366,7 +415,9 @@ def evaluate_suite(
             f"no held-out activations from {data.corpus!r} ({data.split}) under policy {policy!r}."
         )
 
-    by_t = evaluate_by_t(base, saes, data, by_t_batches, seed) if by_t_batches else {}
+    by_t = {}
+    if by_t_batches and base.family != "ar":
+        by_t = evaluate_by_t(base, saes, data, by_t_batches, seed)
     metrics = {}
     for key, sae in tqdm(saes.items(), desc="spliced runs", unit="sae", disable=not progress):
         frequency = counts[key] / tokens
@@ -385,6 +436,18 @@ def evaluate_suite(
         if key in by_t:
             metrics[key].update(by_t_summary(by_t[key]), by_t=by_t[key])
     return metrics
+
+
+def heldout_tokens(base: BaseModel, data: DataConfig, limit: int) -> int:
+    """Tokens in one pass over `data` (full batches), counted until `limit`."""
+    tokens = 0
+    for _, attention_mask in token_batches(
+        data, base.tokenizer, base.bos_token_id, base.eos_token_id
+    ):
+        tokens += int(attention_mask.sum())
+        if tokens >= limit:
+            break
+    return tokens
 
 
 def _previous_metrics(path: Path) -> dict:
@@ -413,12 +476,31 @@ def evaluate_saved_suite(
 
     Writes each layer's metrics.json (keys not measured here, e.g. `train_dead_share`, are kept)
     and the summary metrics.json at the root, only once every SAE is evaluated; returns the metrics
-    per (layer, k). Nothing is read or written outside `root`.
+    per (layer, k). Nothing is read or written outside `root`. The suite's lock (the trainer's run
+    lock) is held throughout: a run rewriting it, or another writer, stops the evaluation at once.
     """
+    from hub_sae.io import folder_lock
+
+    fix = "a training run or another command is writing it: wait for it to finish, then evaluate."
+    with folder_lock(root, fix):
+        return _evaluate_saved_suite(root, max_tokens, device, dtype, corpus, split, seed)
+
+
+def _evaluate_saved_suite(
+    root: Path,
+    max_tokens: int | None,
+    device: str,
+    dtype: str | None,
+    corpus: str | None,
+    split: str | None,
+    seed: int,
+) -> dict[tuple[int, int], dict]:
+    """`evaluate_saved_suite`, under the suite's lock."""
     from hub_sae.io import write_json
     from hub_sae.suite import DTYPES, layer_folders, read_suite
 
     info = read_suite(root)
+    check_policy(info.policy, family(info.base_model))
     max_tokens = info.eval_tokens if max_tokens is None else max_tokens
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError(
@@ -431,6 +513,27 @@ def evaluate_saved_suite(
     folders = layer_folders(root, info)
     previous = {key: _previous_metrics(folder / "metrics.json") for key, folder in folders.items()}
     base = load_base_model(info.base_model, dtype=getattr(torch, dtype), device=device)
+    if data.ctx_len > base.max_length:
+        raise ValueError(
+            f"{root / 'suite.json'}: `training.ctx_len` {data.ctx_len} exceeds "
+            f"{info.base_model}'s maximum of {base.max_length} tokens; set it to "
+            f"{base.max_length} or less (the trainer refuses longer contexts too)."
+        )
+    split_tokens = heldout_tokens(base, data, max_tokens)
+    if split_tokens == 0:
+        raise ValueError(
+            f"the held-out split ({data.corpus!r}, {data.split}) holds less than one batch of "
+            f"{data.batch_size} x {data.ctx_len} tokens; give a larger corpus with --corpus."
+        )
+    if split_tokens < max_tokens:  # more would only recycle the same text with new masks
+        print(
+            f"note: the held-out split ({data.corpus!r}, {data.split}) has {split_tokens:,} "
+            f"tokens in full batches of {data.batch_size} x {data.ctx_len}, fewer than "
+            f"--max-tokens {max_tokens:,}: evaluating {split_tokens:,}. Give a larger corpus "
+            "(--corpus) to measure more.",
+            file=sys.stderr,
+        )
+        max_tokens = split_tokens
     saes = {
         key: TopKSAE.from_pretrained(folder, device=device).eval()
         for key, folder in folders.items()

@@ -5,7 +5,8 @@
               (SparseCoder.load_from_disk / load_many)
 
 A suite exports as one folder per layer, inside one `k_{k}/` folder per k when it has several.
-The whole output is written beside `out` and renamed into place once complete.
+The whole output is written beside `out` and renamed into place once complete, under the lock of
+`out` (`hub_sae.io.folder_lock`): a second export to the same folder stops at once.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from hub_sae.io import inside, write_folder
+from hub_sae.io import inside, new_folder, write_folder
 from hub_sae.sae import TopKSAE
 from hub_sae.suite import SUITE_FILE, layer_folders
 
@@ -139,24 +140,22 @@ def export(
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}.")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} already exists and is not empty; remove it or pick another.")
-    saes = _load(repo_id_or_path, layer, k)
-    several_k = len({sae_k for _, sae_k in saes}) > 1
-    written: list[Path] = []
+    with new_folder(out) as target:
+        saes = _load(repo_id_or_path, layer, k)
+        several_k = len({sae_k for _, sae_k in saes}) > 1
+        written: list[Path] = []
 
-    def fill(tmp: Path) -> None:
-        runs: dict[Path, list[TopKSAE]] = {}
-        for (_, sae_k), sae in saes.items():
-            run = tmp / f"k_{sae_k}" if several_k else tmp
-            runs.setdefault(run, []).append(sae)
-            folder = inside(run, _folder_name(sae, fmt))  # the hookpoint comes from a file
-            WRITERS[fmt](sae, folder)
-            written.append(out / folder.relative_to(tmp))
-        if fmt == "sparsify":
-            for run, group in runs.items():
-                _write_sparsify_run(group, run)
+        def fill(tmp: Path) -> None:
+            runs: dict[Path, list[TopKSAE]] = {}
+            for (_, sae_k), sae in saes.items():
+                run = tmp / f"k_{sae_k}" if several_k else tmp
+                runs.setdefault(run, []).append(sae)
+                folder = inside(run, _folder_name(sae, fmt))  # the hookpoint comes from a file
+                WRITERS[fmt](sae, folder)
+                written.append(Path(out) / folder.relative_to(tmp))
+            if fmt == "sparsify":
+                for run, group in runs.items():
+                    _write_sparsify_run(group, run)
 
-    write_folder(out, fill)
+        write_folder(target, fill)
     return written

@@ -407,6 +407,17 @@ def read_hub_sae(found: SAEFolder, weights: Path) -> SAEState:
     return _build(kwargs, _read_safetensors(weights, _shapes(kwargs)), weights)
 
 
+def _dictionary_learning_policy(found: SAEFolder, lm_name: object, buffer: dict) -> str:
+    """The buffer's dlm_mask_policy (default mask), but clean for an autoregressive base model:
+    DLM-Scope's qwen repo (`saes__{model}_top_k`, no policy in the name) never masks its input."""
+    from hub_sae.models import known_family
+
+    run = found.folder.parent.parent.name
+    if run.startswith("saes__") or (isinstance(lm_name, str) and known_family(lm_name) == "ar"):
+        return "clean"
+    return buffer.get("dlm_mask_policy", "mask")
+
+
 def read_dictionary_learning(found: SAEFolder, weights: Path) -> SAEState:
     """dictionary_learning's AutoEncoderTopK (DLM-Scope's releases): its decoder transposed."""
     config_path = found.folder / "config.json"
@@ -422,7 +433,7 @@ def read_dictionary_learning(found: SAEFolder, weights: Path) -> SAEState:
             k=trainer.get("k"),
             layer=found.layer,
             base_model=trainer.get("lm_name"),
-            policy=buffer.get("dlm_mask_policy", "mask"),
+            policy=_dictionary_learning_policy(found, trainer.get("lm_name"), buffer),
         ),
         config_path,
     )

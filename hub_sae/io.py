@@ -3,6 +3,12 @@ one rule that tells a local path from a hub repo id.
 
 - `write_atomic` / `write_json`: a temp file beside the target, fsync, rename; readers never see
   half a file, and a crash leaves the old file in place. `write_folder` does the same for a folder.
+- `folder_target(path)`: the folder `write_folder` replaces (through a symlink; never the current
+  folder or one above it).
+- `new_folder(path)`: the lock of a folder that must be new or empty, checked under it.
+- `folder_lock(folder)`: the one lock of a folder (`.NAME.lock` beside it), held by whoever writes
+  it (`write_folder`, the trainer for a whole run, `hub-sae eval` and `card`); a second process
+  stops at once with `FolderBusyError` naming the holder.
 - `inside(root, name)`: `root / name` for a name read from a file or typed by a user, refusing
   absolute names, `..` and symlinks that lead out of `root`.
 - `local_path(source)`: an existing path is local, `owner/name` is a hub repo id, anything else is
@@ -14,10 +20,12 @@ one rule that tells a local path from a hub repo id.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import secrets
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -88,24 +96,118 @@ def write_json(path: str | Path, data: dict) -> Path:
     return write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def write_folder(path: str | Path, fill: Callable[[Path], None]) -> Path:
-    """Build a folder with `fill(tmp)` in an empty temp folder beside `path`, then rename it to
-    `path`, replacing any previous folder only once the new one is complete."""
-    path = Path(path)
-    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+class FolderBusyError(RuntimeError):
+    """Another process holds the lock of a folder this process means to write."""
+
+
+_held: set[Path] = set()
+"""Lock files this process holds (a nested `folder_lock` of one of them passes)."""
+
+
+def lock_file(folder: str | Path) -> Path:
+    """The lock of `folder`: `.NAME.lock` beside it (the path as given, made absolute)."""
+    folder = Path(os.path.abspath(folder))
+    return folder.with_name(f".{folder.name}.lock")
+
+
+@contextmanager
+def folder_lock(
+    folder: str | Path, fix: str = "wait for it to finish, or write elsewhere."
+) -> Iterator[None]:
+    """Hold `folder`'s lock (an flock on `lock_file(folder)`) for the block; nested holds in this
+    process pass, another process raises FolderBusyError at once with its pid, command and `fix`."""
+    path = lock_file(folder)
+    if path in _held:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = _acquire(path, folder, fix)
     try:
-        with writing(path):
-            fill(tmp)
-        shutil.rmtree(old, ignore_errors=True)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} ({' '.join(sys.argv)})\n".encode(), 0)
+        _held.add(path)
+        yield
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)  # only now: a failed rename leaves the old folder here
-    return path
+        _held.discard(path)
+        path.unlink(missing_ok=True)  # while still held: no lock files are left behind
+        os.close(fd)  # releases the flock
+
+
+def _acquire(path: Path, folder: str | Path, fix: str) -> int:
+    """An open descriptor of the lock file `path`, flocked; FolderBusyError when another holds it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise FolderBusyError(
+                f"{folder} is in use: {holder} holds its lock {path}. {fix[0].upper()}{fix[1:]}"
+            ) from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder removed the file as we opened it: lock the current one
+
+
+def folder_target(path: str | Path) -> Path:
+    """The folder `write_folder(path)` replaces: absolute, the target of a symlink. The current
+    folder and those above it are refused (replacing them would pull the ground from under us)."""
+    target = Path(os.path.abspath(path))
+    if target.is_symlink():
+        target = target.resolve()
+    if Path.cwd().resolve().is_relative_to(target.resolve()):
+        raise ValueError(
+            f"refusing to write {path}: it is the current folder or one above it, and writing a "
+            "folder replaces it whole. Name a new folder instead, e.g. ./out."
+        )
+    return target
+
+
+@contextmanager
+def new_folder(path: str | Path) -> Iterator[Path]:
+    """Hold the lock of `path`, a folder about to be written that must be new or empty (checked
+    under the lock, so no other writer fills it meanwhile); yields `folder_target(path)`."""
+    target = folder_target(path)
+    with folder_lock(target):
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise FileExistsError(
+                f"{path} already exists and is not empty; remove it or pick another."
+            )
+        yield target
+
+
+def write_folder(path: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Build a folder with `fill(tmp)` in a fresh temp folder beside `path`, then rename it to
+    `path`, replacing any previous folder only once the new one is complete.
+
+    The folder's lock is held throughout, so a second writer stops at once; a symlink `path` keeps
+    pointing at the (new) folder it names.
+    """
+    target = folder_target(path)
+    with folder_lock(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        old = tmp.with_suffix(".old")
+        tmp.mkdir()  # unique, and with the umask's permissions (mkdtemp's are owner-only)
+        try:
+            with writing(target):
+                fill(tmp)
+            if target.exists():
+                os.replace(target, old)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                if old.exists():
+                    os.replace(old, target)  # put the previous folder back
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return Path(path)
 
 
 def inside(root: str | Path, name: str | Path) -> Path:
@@ -191,17 +293,12 @@ class HubOptions:
     local_files_only: bool = False
     """Read the cache only, never the network."""
 
-    def snapshot(
-        self,
-        repo_id: str,
-        allow_patterns: list[str] | None = None,
-        local_dir: str | Path | None = None,
-    ) -> Path:
-        """The files of `repo_id` matching `allow_patterns`, downloaded (or cached), as a folder."""
+    def snapshot(self, repo_id: str, allow_patterns: list[str] | None = None) -> Path:
+        """The files of `repo_id` matching `allow_patterns`, downloaded to (or read from) the hub
+        cache, as a folder. Never a `local_dir`: huggingface_hub would return an existing folder of
+        that name, unchecked, whenever the hub cannot be reached."""
         try:
-            folder = snapshot_download(
-                repo_id, allow_patterns=allow_patterns, local_dir=local_dir, **asdict(self)
-            )
+            folder = snapshot_download(repo_id, allow_patterns=allow_patterns, **asdict(self))
         except (RepositoryNotFoundError, LocalEntryNotFoundError) as e:
             raise FileNotFoundError(
                 f"{repo_id} is not a local path, and the hub repo {repo_id} could not be read "

@@ -10,7 +10,9 @@ pretraining process). A policy then selects the positions whose activations are 
 - `clean`: no corruption at all, every real token.
 
 Position 0 (BOS) is never masked and never selected: it is an attention-sink outlier. Pads
-(attention_mask == 0) are never masked and never selected.
+(attention_mask == 0) are never masked and never selected. Activations stay at the masked token's
+own index for every family, shifted ones included (DLM-Scope's convention for Dream).
+An autoregressive model (family ar) never saw a mask token in training: `clean` is its only policy.
 """
 
 from __future__ import annotations
@@ -67,10 +69,17 @@ class CorruptedBatch(NamedTuple):
     """[B, T] bool: the positions the policy selects (whose activations are used)."""
 
 
-def check_policy(policy: str) -> str:
-    """`policy` itself if it is one of POLICIES, else a ValueError naming them."""
+def check_policy(policy: str, family: str | None = None) -> str:
+    """`policy` itself if it is one of POLICIES and runs on a model of `family` (any when None),
+    else a ValueError naming the choices."""
     if policy not in POLICIES:
         raise ValueError(f"unknown mask policy {policy!r}; choose one of {', '.join(POLICIES)}.")
+    if family == "ar" and policy != "clean":
+        raise ValueError(
+            f"mask policy {policy!r} corrupts the input with a mask token, but an autoregressive "
+            "model (family ar) was never trained on masked inputs: its activations there mean "
+            "nothing. Use policy 'clean' (--policy clean)."
+        )
     return policy
 
 
@@ -127,7 +136,7 @@ def _mask_probability(
 def corrupt(
     input_ids: Tensor,
     attention_mask: Tensor | None,
-    mask_token_id: int,
+    mask_token_id: int | None,
     policy: str,
     corruption: Corruption | None = None,
     generator: torch.Generator | None = None,
@@ -144,6 +153,11 @@ def corrupt(
         p = torch.zeros(batch_size, device=input_ids.device)
         return CorruptedBatch(
             input_ids, is_masked, p, select_positions(is_masked, attention_mask, policy)
+        )
+    if mask_token_id is None:
+        raise ValueError(
+            f"mask policy {policy!r} needs a mask token and this model has none (an "
+            "autoregressive model?); use policy 'clean'."
         )
     device = generator.device if generator is not None else input_ids.device
     p = _mask_probability(batch_size, corruption or Corruption(), generator, device)

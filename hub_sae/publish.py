@@ -1,15 +1,18 @@
 """Push a whole suite to the Hub in one commit, after checking it is complete; or list it (dry run).
 
 Every file under the suite folder goes up (hidden files and folders such as `.cache/` and
-temp files excepted): suite.json, README.md, the plot, each layer's folder and metrics.json.
+temp files excepted): suite.json, README.md, the plots, each layer's folder and metrics.json.
 Symbolic links are refused (they could point outside the suite), every SAE must load (no corrupt,
-empty or non-finite weights), and files the repo has but the suite no longer has are deleted in
-the same commit.
+empty or non-finite weights), a file that is not part of the suite layout (an `hf_token.txt`, say)
+is refused unless an `include` pattern names it, and files the repo has but the suite no longer
+has are deleted in the same commit.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,16 +25,14 @@ from huggingface_hub import (
 )
 from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
-from hub_sae.cards import CARD_FILE, PLOT_FILE, SUMMARY_FILE
+from hub_sae.cards import BY_T_PLOT_FILE, CARD_FILE, PLOT_FILE, SUMMARY_FILE
 from hub_sae.features import FEATURES_FILE
 from hub_sae.formats import SAELoadError, load_sae
 from hub_sae.suite import LAYER_FILES, SUITE_FILE, layer_folders, validate_suite
 
 UNITS = ("B", "kB", "MB", "GB", "TB")
-SUITE_ROOT_FILES = {SUITE_FILE, CARD_FILE, PLOT_FILE, SUMMARY_FILE}
+SUITE_ROOT_FILES = {SUITE_FILE, CARD_FILE, PLOT_FILE, BY_T_PLOT_FILE, SUMMARY_FILE}
 SUITE_LAYER_FILES = {*LAYER_FILES, CARD_FILE, FEATURES_FILE}
-STRAY_WARNING_BYTES = 10_000_000
-"""Files above this size that are not part of the suite are pointed out before a push."""
 
 
 class PublishError(ValueError):
@@ -74,7 +75,7 @@ def symlinks(root: str | Path) -> list[Path]:
 
 
 def stray_files(root: str | Path, files: list[SuiteFile]) -> list[SuiteFile]:
-    """Large files among `files` that are not part of the suite's layout."""
+    """The files among `files` that are not part of the suite's layout."""
     folders = {f.relative_to(root).as_posix() for f in layer_folders(root).values()}
 
     def expected(path_in_repo: str) -> bool:
@@ -83,7 +84,12 @@ def stray_files(root: str | Path, files: list[SuiteFile]) -> list[SuiteFile]:
             not folder or folder in folders
         )
 
-    return [f for f in files if f.size >= STRAY_WARNING_BYTES and not expected(f.path_in_repo)]
+    return [f for f in files if not expected(f.path_in_repo)]
+
+
+def included(file: SuiteFile, include: Sequence[str]) -> bool:
+    """Whether a pattern of `include` (fnmatch, on the path in the repo) names `file`."""
+    return any(fnmatchcase(file.path_in_repo, pattern) for pattern in include)
 
 
 def _fix(problem: str, root: Path, repo_id: str) -> str:
@@ -104,8 +110,9 @@ def card_repo_id(card: Path) -> str | None:
     return index[0].get("name")
 
 
-def publish_problems(root: str | Path, repo_id: str) -> list[str]:
-    """What keeps `root` from being pushed to `repo_id`, each with its fix (empty when ready)."""
+def publish_problems(root: str | Path, repo_id: str, include: Sequence[str] = ()) -> list[str]:
+    """What keeps `root` from being pushed to `repo_id`, each with its fix (empty when ready);
+    `include`: patterns naming files beyond the suite layout that may go up."""
     root = Path(root)
     problems = [
         f"{link} is a symbolic link (to {link.readlink()}): push uploads only regular files "
@@ -114,6 +121,12 @@ def publish_problems(root: str | Path, repo_id: str) -> list[str]:
     ]
     problems += [_fix(p, root, repo_id) for p in validate_suite(root, require_card=True)]
     if not problems:
+        problems += [
+            f"{f.local_path} ({human_size(f.size)}) is not part of the suite layout: move it out "
+            f"of the folder, or upload it with --include {f.path_in_repo}"
+            for f in stray_files(root, suite_files(root))
+            if not included(f, include)
+        ]
         for folder in layer_folders(root).values():
             try:
                 load_sae(folder)
@@ -130,13 +143,16 @@ def publish_problems(root: str | Path, repo_id: str) -> list[str]:
     return problems
 
 
-def check_publishable(root: str | Path, repo_id: str) -> list[SuiteFile]:
-    """The files to push, or a PublishError listing every problem."""
-    problems = publish_problems(root, repo_id)
+def check_publishable(
+    root: str | Path, repo_id: str, include: Sequence[str] = ()
+) -> list[SuiteFile]:
+    """The files to push (those beyond the suite layout only if `include` names them), or a
+    PublishError listing every problem."""
+    problems = publish_problems(root, repo_id, include)
     if problems:
         listed = "\n".join(f"  - {p}" for p in problems)
         raise PublishError(
-            f"refusing to push {root} to {repo_id}: the suite is incomplete.\n{listed}"
+            f"refusing to push {root} to {repo_id}: the suite is not ready.\n{listed}"
         )
     return suite_files(root)
 
@@ -179,11 +195,13 @@ def push_suite(
     revision: str | None = None,
     create_pr: bool = False,
     files: list[SuiteFile] | None = None,
+    include: Sequence[str] = (),
 ) -> CommitInfo:
     """Create `repo_id` if needed and make the repo (at `revision`) hold exactly the suite, in one
     commit, or in a pull request with `create_pr`. `files`: what `check_publishable` already
-    returned for this suite (it loads every SAE, so it need not run twice)."""
-    files = check_publishable(root, repo_id) if files is None else files
+    returned for this suite (it loads every SAE, so it need not run twice); `include`: patterns
+    naming files beyond the suite layout that may go up."""
+    files = check_publishable(root, repo_id, include) if files is None else files
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     if revision is not None and not create_pr:

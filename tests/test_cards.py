@@ -166,3 +166,27 @@ def test_wheel_ships_the_card_template(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "hub_sae/model_cards/template.md" in names
     assert not any("llada-8b-mask" in name for name in names)  # release cards stay in the repo
+
+
+def test_the_autoregressive_baseline_card_says_so():
+    """Qwen2.5-7B's card: no diffusion tag or text, next-token metrics only, no reported numbers."""
+    path = ROOT / "model_cards" / "qwen2.5-7b-clean" / CARD_FILE
+    card = ModelCard.load(path)
+    assert "autoregressive-baseline" in card.data.tags
+    assert "diffusion-language-model" not in card.data.tags and not card.data.eval_results
+    assert "never trained on masked inputs" in card.text and "`next_token_delta_ce`" in card.text
+    assert "dlm_scope_delta_lm_mask" not in card.text and "![FVU per layer]" not in card.text
+    dream = ModelCard.load(ROOT / "model_cards" / "dream-7b-mask" / CARD_FILE)
+    assert "diffusion-language-model" in dream.data.tags and "next_token_delta_ce" not in dream.text
+
+
+@pytest.mark.parametrize("repo_id", ["me/../evil", "me/x\nlicense: none", "me/a..b"])
+def test_a_repo_id_that_is_no_hub_id_is_refused_before_writing(tmp_path, capsys, repo_id):
+    from hub_sae.cli import main
+
+    args = ["card", "--release", str(LLADA_CONFIG), "--repo-id", repo_id]
+    args += ["--metrics", str(LLADA_CARD / "reported_metrics.json"), "--out", str(tmp_path / "c")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"the card's repo id {repo_id!r} is not a hub repo id" in err
+    assert "give --repo-id owner/name" in err and not (tmp_path / "c").exists()

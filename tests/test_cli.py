@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,16 +19,16 @@ ROOT = Path(__file__).resolve().parents[1]
 LLADA_CARD = ROOT / "model_cards" / "llada-8b-mask"
 
 
-def hub_sae(*args: str) -> subprocess.CompletedProcess:
-    """The real console entry point, offline and without a token."""
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
-    env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
+def hub_sae(*args: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
+    """The real console entry point, offline and without a token (`env`: more variables)."""
+    keep = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    keep.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=str(ROOT), **env)
     return subprocess.run(
         [sys.executable, "-m", "hub_sae.cli", *args],
         capture_output=True,
         text=True,
-        env=env,
-        cwd=ROOT,
+        env=keep,
+        cwd=cwd,
         timeout=300,
     )
 
@@ -111,12 +112,32 @@ def test_push_refuses_a_card_made_for_another_repo(carded, capsys):
     assert "generated for 'me/tiny-mask'" in err and "--repo-id me/other" in err
 
 
-def test_release_card_command_reproduces_the_committed_card(tmp_path):
-    args = ["card", "--release", str(ROOT / "training/configs/llada-8b-mask.yaml")]
-    args += ["--metrics", str(LLADA_CARD / "reported_metrics.json"), "--out", str(tmp_path)]
+RELEASES = (
+    "llada-8b-mask",
+    "llada-8b-unmask",
+    "dream-7b-mask",
+    "dream-7b-unmask",
+    "qwen2.5-7b-clean",
+)
+"""model_cards/ folders of the five DLM-Scope repos, each named like its training config."""
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_release_card_command_reproduces_the_committed_card(tmp_path, release):
+    committed = ROOT / "model_cards" / release
+    args = ["card", "--release", str(ROOT / f"training/configs/{release}.yaml")]
+    args += ["--metrics", str(committed / "reported_metrics.json"), "--out", str(tmp_path)]
     assert main(args) == 0
-    assert (tmp_path / CARD_FILE).read_text() == (LLADA_CARD / CARD_FILE).read_text()
-    assert (tmp_path / PLOT_FILE).is_file()
+    assert (tmp_path / CARD_FILE).read_text() == (committed / CARD_FILE).read_text()
+    reported = json.loads((committed / "reported_metrics.json").read_text())["results"]
+    assert (tmp_path / PLOT_FILE).is_file() == bool(reported) == (committed / PLOT_FILE).is_file()
+
+
+def test_every_release_is_listed_with_its_repo_and_command():
+    index = (ROOT / "model_cards" / "README.md").read_text()
+    for release in RELEASES:
+        repo = json.loads((ROOT / "model_cards" / release / "reported_metrics.json").read_text())
+        assert f"`{repo['repo_id']}`" in index and f"configs/{release}.yaml" in index
 
 
 def metrics_bytes(root: Path) -> dict[Path, bytes]:
@@ -162,6 +183,70 @@ def test_eval_writes_no_metrics_unless_every_layer_succeeds(suite, capsys):
     assert metrics_bytes(suite) == before
 
 
+RUN_LOCK = """
+import sys
+from pathlib import Path
+from accelerate import Accelerator
+from hub_sae.training import TrainConfig
+from hub_sae.training.checkpoint import run_lock
+
+root = Path(sys.argv[1])
+with run_lock(TrainConfig(output_dir=str(root.parent), name=root.name), Accelerator(cpu=True)):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_eval_during_a_run_of_the_same_name_stops_and_writes_nothing(suite, capsys):
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", RUN_LOCK, str(suite)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert trainer.stdout.readline() == "held\n"  # a run of this name holds its lock
+    before = metrics_bytes(suite)
+    assert main(["eval", str(suite), "--max-tokens", "256", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert f"{suite} is in use: process {trainer.pid}" in err
+    assert "A training run or another command is writing it: wait for it to finish" in err
+    assert metrics_bytes(suite) == before and not (suite / SUMMARY_FILE).exists()
+    trainer.communicate("")
+
+
+def test_eval_refuses_a_ctx_len_beyond_the_model_naming_both(suite, capsys):
+    info = json.loads((suite / "suite.json").read_text())
+    info["training"]["ctx_len"] = 4096
+    (suite / "suite.json").write_text(json.dumps(info))
+    before = metrics_bytes(suite)
+    assert main(["eval", str(suite), "--max-tokens", "256", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    said = re.search(r"`training.ctx_len` 4096 exceeds .*'s maximum of (\d+) tokens; set it", err)
+    assert said and int(said[1]) < 4096, err
+    assert metrics_bytes(suite) == before
+
+
+def test_eval_max_tokens_is_bounded_by_the_heldout_split(suite, tmp_path):
+    corpus = tmp_path / "small.txt"
+    words = "the quick brown fox jumps over {} lazy dogs by the river, and then it rests."
+    corpus.write_text("\n\n".join(f"Paragraph {i}: " + words.format(i * 7) for i in range(600)))
+    args = ("--max-tokens", str(10**12), "--corpus", str(corpus), "--device", "cpu")
+    done = hub_sae("eval", str(suite), *args)  # before the bound: years of recycled text
+    assert done.returncode == 0, done.stderr
+    said = re.search(
+        rf"the held-out split \('{re.escape(str(corpus))}', heldout\) has ([\d,]+) tokens in full "
+        r"batches of 8 x 64, fewer than --max-tokens 1,000,000,000,000: evaluating \1\.",
+        done.stderr,
+    )
+    assert said, done.stderr
+    tokens = int(said[1].replace(",", ""))
+    assert tokens > 0 and tokens % (8 * 64) == 0
+    summary = json.loads((suite / SUMMARY_FILE).read_text())
+    assert summary["eval"]["max_tokens"] == tokens
+    assert [r["tokens"] for r in summary["results"]] == [tokens, tokens]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_eval_on_cuda_without_cuda_is_a_clear_error(suite, capsys):
     before = metrics_bytes(suite)
@@ -181,3 +266,49 @@ def test_a_missing_path_is_never_taken_for_a_hub_repo(tmp_path, monkeypatch, cap
     assert main(["card", "c_nolayer"]) == 1
     err = capsys.readouterr().err
     assert "'c_nolayer' is neither an existing local path" in err and "owner/name" in err
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def hub_cache(cache: Path, repo_id: str, suite: Path) -> Path:
+    """`suite` as huggingface_hub caches repo_id: blobs, a snapshot of links to them, refs/main."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "blobs").mkdir()
+    for i, (name, data) in enumerate(sorted(tree_bytes(suite).items())):
+        (repo / "blobs" / f"{i:040x}").write_bytes(data)
+        link = repo / "snapshots" / commit / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(repo / "blobs" / f"{i:040x}", link.parent))
+    return repo
+
+
+def test_a_repo_id_never_resolves_to_a_local_folder_of_its_name(suite, tmp_path):
+    """Offline, `me/tiny-mask` is read from the hub cache only; ./tiny-mask is never touched."""
+    assert suite == tmp_path / "tiny-mask"
+    before = tree_bytes(suite)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for command in ("card", "eval"):
+        done = hub_sae(command, "me/tiny-mask", cwd=tmp_path, HF_HUB_CACHE=str(cache))
+        assert done.returncode == 1
+        assert "me/tiny-mask is a hub repo id" in done.stderr and "--out DIR" in done.stderr
+        out = ("--out", str(tmp_path / "copy"))
+        done = hub_sae(command, "me/tiny-mask", *out, cwd=tmp_path, HF_HUB_CACHE=str(cache))
+        assert done.returncode == 1 and "the hub repo me/tiny-mask could not be read" in done.stderr
+    assert tree_bytes(suite) == before and not (tmp_path / "copy").exists()
+
+    repo = hub_cache(cache, "me/tiny-mask", suite)
+    cached = tree_bytes(repo)
+    done = hub_sae("card", "me/tiny-mask", "--out", "copy", cwd=tmp_path, HF_HUB_CACHE=str(cache))
+    assert done.returncode == 0, done.stderr
+    copy = tree_bytes(tmp_path / "copy")
+    assert {name: copy[name] for name in before} == before  # the cached suite, as files
+    assert "me/tiny-mask" in copy[CARD_FILE].decode() and PLOT_FILE in copy
+    assert tree_bytes(repo) == cached and tree_bytes(suite) == before
+    done = hub_sae("card", "me/tiny-mask", "--out", "copy", cwd=tmp_path, HF_HUB_CACHE=str(cache))
+    assert done.returncode == 1 and "copy already exists and is not empty" in done.stderr

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from hub_sae.diffusion import (
     Steer,
     add_gumbel_noise,
+    diffusion_generate,
     feature_onsets,
     generate,
     masked_log_likelihood,
@@ -44,20 +45,29 @@ def save_llada_tokenizer(path: Path) -> None:
     ).save_pretrained(path)
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> BaseModel:
-    path = tmp_path_factory.mktemp("llada")
+def tiny_llada(path: Path) -> BaseModel:
+    """The tiny random LLaDA of tests/test_llada.py with the word-level tokenizer, in float32."""
     save_llada_model(tiny_model(), path)
     save_llada_tokenizer(path)
     return load_base_model(str(path), dtype=torch.float32)
 
 
-@pytest.fixture(scope="module")
-def saes() -> dict[int, TopKSAE]:
+def tiny_saes() -> dict[int, TopKSAE]:
+    """Random SAEs (d_sae 128, k 8) on layers 1 and 2 of the tiny LLaDA."""
     torch.manual_seed(0)
     return {
         layer: TopKSAE(64, 128, 8, layer=layer).eval().requires_grad_(False) for layer in (1, 2)
     }
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> BaseModel:
+    return tiny_llada(tmp_path_factory.mktemp("llada"))
+
+
+@pytest.fixture(scope="module")
+def saes() -> dict[int, TopKSAE]:
+    return tiny_saes()
 
 
 def prompts(batch: int = 2, length: int = 5, seed: int = 0) -> torch.Tensor:
@@ -288,3 +298,81 @@ def test_a_large_clamp_at_the_last_block_steers_every_masked_token(base, saes):
     own = masked_log_likelihood(base, plain.tokens[0], torch.arange(13) >= 5)
     steered = masked_log_likelihood(base, out.tokens[0], torch.arange(13) >= 5)
     assert own > steered
+
+
+def test_prompt_masks_are_decoded_with_the_first_block(base):
+    prompt = prompts(2, 8)
+    prompt[:, [2, 5]] = MASK
+    prompt[1, 6] = MASK
+    out = generate(base, prompt, steps=6, gen_length=12, block_length=4)
+    assert not (out.tokens == MASK).any()
+    commit = out.timeline.commit_step
+    assert (commit[:, [2, 5]] < 2).all() and (commit[1, 6] < 2) and (commit[:, [2, 5]] >= 0).all()
+    assert ((commit[:, 12:16] >= 2) & (commit[:, 12:16] < 4)).all() and (commit[:, 16:] >= 4).all()
+    first = [Counter(row.tolist()) for row in commit]
+    assert [first[0][0], first[0][1], first[1][0], first[1][1]] == [3, 3, 4, 3]
+
+
+def test_steer_feature_ids_must_be_whole_numbers_of_the_sae(base, saes):
+    with pytest.raises(ValueError, match="Steer feature id must be a whole number >= 0; got -1"):
+        Steer(1, (-1,), 1.0)
+    with pytest.raises(ValueError, match="Steer feature id must be a whole number >= 0; got 3.0"):
+        Steer(1, (3.0,), 1.0)
+    with pytest.raises(ValueError, match="Steer feature id must be a whole number >= 0; got True"):
+        Steer(1, (True,), 1.0)
+    with pytest.raises(ValueError, match="Steer feature ids must be a sequence"):
+        Steer(1, 3, 1.0)
+    with pytest.raises(ValueError, match="Steer position must be a whole number >= 0; got -2"):
+        Steer(1, (3,), 1.0, positions=(-2,))
+    assert Steer(1, (torch.tensor(3), 4), 1.0).features == (3, 4)
+    out_of_range = (
+        r"Steer feature id\(s\) \[128\] are out of range for the layer-1 SAE, which has 128"
+    )
+    for decode in (generate, lambda *a, **kw: diffusion_generate(*a[:1], prompts(), 8, 4, **kw)):
+        with pytest.raises(ValueError, match=out_of_range):
+            decode(base, prompts(), 4, 8, 8, saes=saes, steering=[Steer(1, (5, 128), 1.0)])
+        with pytest.raises(ValueError, match=r"watch feature id\(s\) \[999\]"):
+            decode(base, prompts(), 4, 8, 8, saes=saes, watch=[999])
+        with pytest.raises(ValueError, match=r"window \(0.3, 0.45\) holds none of the 4 steps"):
+            decode(
+                base,
+                prompts(),
+                4,
+                8,
+                8,
+                saes=saes,
+                steering=[Steer(1, (5,), 1.0, window=(0.3, 0.45))],
+            )
+    with pytest.raises(ValueError, match="out of range"):
+        steer_residual(saes[1], torch.randn(2, 64), Steer(1, (500,), 1.0))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
+        (dict(temperature=float("inf")), "temperature must be a finite number >= 0"),
+        (dict(temperature=-0.1), "temperature must be a finite number >= 0"),
+        (dict(cfg_scale=float("nan")), "cfg_scale must be a finite number >= 0"),
+        (dict(cfg_scale=float("inf")), "cfg_scale must be a finite number >= 0"),
+        (dict(steps=0), "steps must be a whole number >= 1"),
+        (dict(steps=0, gen_length=0), "steps must be a whole number >= 1"),
+        (dict(gen_length=-8, block_length=8), "gen_length must be a whole number >= 0"),
+        (dict(gen_length=8.0), "gen_length must be a whole number"),
+        (dict(prompt_ids=prompts(2, 60)), "68 exceed the model's maximum context of 64 tokens"),
+        (dict(attention_mask=torch.ones(2, 3)), r"attention_mask has shape \(2, 3\)"),
+        (dict(prompt_ids=prompts()[0]), r"\[batch, length\] tensor of token ids"),
+    ],
+)
+def test_bad_numbers_name_the_problem(base, options, message):
+    args = dict(prompt_ids=prompts(), steps=4, gen_length=8, block_length=8) | options
+    with pytest.raises(ValueError, match=message):
+        generate(base, **args)
+
+
+def test_samplers_refuse_saes_off_the_block_output(base):
+    mlp = TopKSAE(64, 128, 8, layer=1, hookpoint="layers.1.mlp")
+    with pytest.raises(ValueError, match=r"reads 'layers.1.mlp' of block 1.*resid_post"):
+        generate(base, prompts(), steps=2, gen_length=2, block_length=2, saes={1: mlp})
+    with pytest.raises(ValueError, match=r"saes\[2\] is an SAE of layer 1"):
+        diffusion_generate(base, prompts(), 2, 2, saes={2: tiny_saes()[1]})

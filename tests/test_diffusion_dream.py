@@ -1,6 +1,7 @@
-"""Dream's sampler on a tiny random model: token for token against a plain transcription of the
-official `_sample`, every alg, greedy and sampled; the logits' shift taken from the base model
-(shifted, unshifted, a real masked LM); recording and steering as `generate`; bad numbers."""
+"""Dream's sampler on tiny random models (the tiny LLaDA read as a shifted family, a native Dream
+checkpoint): token for token against a plain transcription of the official `_sample`, every alg,
+greedy and sampled; the logits' shift taken from the base model (shifted, unshifted, a real masked
+LM); recording and steering as `generate`; bad numbers."""
 
 import dataclasses
 import math
@@ -11,35 +12,34 @@ import torch.distributions as dists
 import torch.nn.functional as F
 from torch import nn
 
-from hub_sae.diffusion import Steer, diffusion_generate, generate, vocab_limit
+from hub_sae.diffusion import (
+    Steer,
+    diffusion_generate,
+    generate,
+    masked_log_likelihood,
+    vocab_limit,
+)
 from hub_sae.models import BaseModel, load_base_model
-from hub_sae.models.llada import save_llada_model
 from hub_sae.models.unmasking import with_unmasking_head
 from hub_sae.sae import TopKSAE
-from tests.test_diffusion import MASK, prompts, save_llada_tokenizer
-from tests.test_llada import tiny_model
+from tests.checkpoints import write_tiny_dream
+from tests.test_diffusion import MASK, prompts, tiny_llada, tiny_saes
 
 
 @pytest.fixture(scope="module")
 def llada(tmp_path_factory) -> BaseModel:
-    path = tmp_path_factory.mktemp("llada")
-    save_llada_model(tiny_model(), path)
-    save_llada_tokenizer(path)
-    return load_base_model(str(path), dtype=torch.float32)
+    return tiny_llada(tmp_path_factory.mktemp("llada"))
 
 
 @pytest.fixture(scope="module")
 def dream(llada) -> BaseModel:
-    """The tiny model read as a shifted family: position i's logits predict token i + 1."""
+    """The tiny LLaDA read as a shifted family: position i's logits predict token i + 1."""
     return dataclasses.replace(llada, family="dream")
 
 
 @pytest.fixture(scope="module")
 def saes() -> dict[int, TopKSAE]:
-    torch.manual_seed(0)
-    return {
-        layer: TopKSAE(64, 128, 8, layer=layer).eval().requires_grad_(False) for layer in (1, 2)
-    }
+    return tiny_saes()
 
 
 # ---- Dream's generation_utils.py, transcribed (sample_tokens and _sample) ----------------------
@@ -85,15 +85,15 @@ def ref_sample_tokens(logits, temperature=0.0, top_p=None, top_k=None, margin=Fa
 
 def reference_sample(
     model, input_ids, attention_mask, max_length, steps, alg, alg_temp, temperature, top_p, top_k,
-    logits_hook, eps=1e-3,
+    logits_hook, mask_id, eps=1e-3,
 ):  # fmt: skip
     """Dream's `_sample` with the global RNG; `logits_hook` is its generation_logits_hook_func."""
-    x = F.pad(input_ids, (0, max_length - input_ids.shape[1]), value=MASK)
+    x = F.pad(input_ids, (0, max_length - input_ids.shape[1]), value=mask_id)
     if attention_mask is not None:
         attention_mask = F.pad(attention_mask, (0, max_length - attention_mask.shape[1]), value=1)
     timesteps = torch.linspace(1, eps, steps + 1)
     for i in range(steps):
-        mask_index = x == MASK
+        mask_index = x == mask_id
         logits = model(x, attention_mask)
         logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         logits = logits_hook(i, x, logits)
@@ -102,7 +102,7 @@ def reference_sample(
         s = timesteps[i + 1]
         if alg == "origin":
             p_transfer = 1 - s / t if i < steps - 1 else 1
-            x0 = torch.zeros_like(x[mask_index], dtype=torch.long) + MASK
+            x0 = torch.zeros_like(x[mask_index], dtype=torch.long) + mask_id
             transfer_index_t_s = torch.rand(*x0.shape) < p_transfer
             _, x0[transfer_index_t_s] = ref_sample_tokens(
                 mask_logits[transfer_index_t_s], temperature=temperature, top_p=top_p, top_k=top_k
@@ -126,7 +126,7 @@ def reference_sample(
                     full_confidence = full_confidence / alg_temp
                     full_confidence = F.softmax(full_confidence, dim=-1)
                     transfer_index = torch.multinomial(full_confidence, number_transfer_tokens)
-                x_ = torch.zeros_like(x, dtype=torch.long) + MASK
+                x_ = torch.zeros_like(x, dtype=torch.long) + mask_id
                 x_[mask_index] = x0.clone()
                 row_indices = torch.arange(x.size(0)).unsqueeze(1).expand_as(transfer_index)
                 x[row_indices, transfer_index] = x_[row_indices, transfer_index]
@@ -144,7 +144,7 @@ def ban(base: BaseModel):
 
     def hook(step, x, logits):
         logits[..., vocab_limit(base) :] = -torch.inf
-        logits[..., MASK] = -torch.inf
+        logits[..., base.mask_token_id] = -torch.inf
         return logits
 
     return hook
@@ -157,7 +157,7 @@ def reference(base, prompt, new, steps, seed, attention_mask=None, **options):
     with torch.no_grad():
         return reference_sample(
             raw_model(base), prompt.clone(), attention_mask, prompt.shape[1] + new, steps,
-            logits_hook=ban(base), **options,
+            logits_hook=ban(base), mask_id=base.mask_token_id, **options,
         )  # fmt: skip
 
 
@@ -260,6 +260,30 @@ def test_infilling_with_no_new_tokens_decodes_the_prompts_masks(dream):
     assert (out.timeline.commit_step[0, [2, 5, 6]] >= 0).all()
 
 
+def test_a_tiny_native_dream_checkpoint_matches_the_reference(tmp_path):
+    """The native Dream (unshifted logits, `family` "dream" from its config.json) through the
+    sampler equals the reference, which shifts the model's own logits itself."""
+    dream = load_base_model(str(write_tiny_dream(tmp_path)), dtype=torch.float32)
+    assert dream.family == "dream" and dream.shifted
+    prompt = torch.randint(4, 23, (2, 6), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(prompt)
+    attention_mask[1, :2] = 0
+    prompt[1, :2] = dream.eos_token_id
+    for alg, options, mask in [
+        ("origin", dict(temperature=0.7), None),
+        ("maskgit_plus", dict(temperature=1.0, top_k=5), attention_mask),
+        ("topk_margin", dict(temperature=1.0, top_p=0.8, alg_temp=0.5), None),
+        ("entropy", dict(), attention_mask),
+    ]:
+        expected = reference(dream, prompt, 8, 4, 2, attention_mask=mask, alg=alg, **options)
+        gen = torch.Generator().manual_seed(2)
+        out = diffusion_generate(
+            dream, prompt, 8, 4, alg=alg, attention_mask=mask, generator=gen, **options
+        )
+        assert torch.equal(out.tokens, expected), alg
+        assert not (out.tokens == dream.mask_token_id).any()
+
+
 class Shifted(nn.Module):
     """A model whose logits are moved one position to the right as Dream's sampler does."""
 
@@ -273,15 +297,20 @@ class Shifted(nn.Module):
 
 
 def test_both_samplers_take_the_shift_from_the_base_model(llada, dream):
-    """A shifted family decodes as the unshifted family would on logits moved one to the right."""
+    """A shifted family decodes (and scores its decodes) as the unshifted family would on logits
+    moved one to the right."""
     moved = dataclasses.replace(llada, model=Shifted(llada.model))
     prompt = prompts()
     for decode in (
-        lambda base: generate(base, prompt, 4, 8, 4).tokens,
-        lambda base: diffusion_generate(base, prompt, 8, 4, alg="maskgit_plus").tokens,
+        lambda model: generate(model, prompt, 4, 8, 4).tokens,
+        lambda model: diffusion_generate(model, prompt, 8, 4, alg="maskgit_plus").tokens,
     ):
         assert torch.equal(decode(dream), decode(moved))
         assert not torch.equal(decode(dream), decode(llada))
+    tokens, scored = prompts(1, 12)[0], torch.arange(12) >= 4
+    fluency = {b.family: masked_log_likelihood(b, tokens, scored, draws=3) for b in (dream, llada)}
+    assert fluency["dream"] == masked_log_likelihood(moved, tokens, scored, draws=3)
+    assert fluency["dream"] != fluency["llada"]
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from tests.test_formats import (
     saelens_reference,
     sparsify_reference,
 )
+from tests.test_io import hold_lock
 
 LAYERS, KS = (1, 3), (4, 6)
 
@@ -102,3 +103,42 @@ def test_a_hookpoint_read_from_a_file_never_writes_outside_the_export(tmp_path, 
     with pytest.raises(UnsafePathError, match="escaped"):
         export(tmp_path / "sae", fmt, tmp_path / "a" / "out")
     assert not (tmp_path / "escaped").exists() and list((tmp_path / "a").iterdir()) == []
+
+
+def test_export_stops_at_once_while_another_process_writes_its_folder(tmp_path, capsys):
+    random_suite(tmp_path / "suite", ks=(4,))
+    out = tmp_path / "out"
+    holder = hold_lock(out)
+    args = ["export", str(tmp_path / "suite"), "--format", "saelens", "--out", str(out)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"{out} is in use: process {holder.pid}" in err and "write elsewhere" in err
+    assert not out.exists()
+    holder.communicate("")
+    assert main(args) == 0 and len(list(out.iterdir())) == 2
+
+
+def test_export_to_the_current_folder_is_refused_and_keeps_it(tmp_path, monkeypatch, capsys):
+    random_suite(tmp_path / "suite", ks=(4,))
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert main(["export", str(tmp_path / "suite"), "--format", "saelens", "--out", "."]) == 1
+    err = capsys.readouterr().err
+    assert "refusing to write .: it is the current folder" in err and "e.g. ./out" in err
+    assert here.is_dir() and list(here.iterdir()) == []
+
+
+def test_export_through_a_symlinked_out_fills_its_target_and_keeps_the_link(tmp_path):
+    random_suite(tmp_path / "suite", ks=(4,))
+    (tmp_path / "real").mkdir()
+    (tmp_path / "out").symlink_to(tmp_path / "real", target_is_directory=True)
+    folders = export(tmp_path / "suite", "sparsify", tmp_path / "out")
+    assert (tmp_path / "out").readlink() == tmp_path / "real"
+    assert TopKSAE.from_pretrained(folders[0]).k == 4
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == [
+        "config.json",
+        "layers.1",
+        "layers.3",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "real", "suite"]

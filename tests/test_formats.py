@@ -50,7 +50,12 @@ def assert_same_math(sae: TopKSAE, w: dict[str, torch.Tensor], k: int = K) -> No
 
 
 def write_dictionary_learning(
-    folder: Path, w: dict, layer: int, k: int, policy: str = "mask"
+    folder: Path,
+    w: dict,
+    layer: int,
+    k: int,
+    policy: str | None = "mask",
+    lm_name: str = "GSAI-ML/LLaDA-8B-Base",
 ) -> None:
     folder.mkdir(parents=True)
     d_sae, d_in = w["W_enc"].shape
@@ -70,11 +75,13 @@ def write_dictionary_learning(
             "dict_size": d_sae,
             "k": k,
             "layer": layer,
-            "lm_name": "GSAI-ML/LLaDA-8B-Base",
+            "lm_name": lm_name,
             "lr": 3e-4,
         },
-        "buffer": {"ctx_len": 2048, "dlm_mask_policy": policy, "dlm_t_min": 0.05, "dlm_t_max": 0.5},
+        "buffer": {"ctx_len": 2048, "dlm_t_min": 0.05, "dlm_t_max": 0.5},
     }
+    if policy is not None:
+        config["buffer"]["dlm_mask_policy"] = policy
     (folder / "config.json").write_text(json.dumps(config))
 
 

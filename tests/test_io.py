@@ -4,12 +4,15 @@ import errno
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from hub_sae.io import (
+    FolderBusyError,
     UnsafePathError,
+    folder_lock,
     inside,
     is_int,
     is_repo_id,
@@ -37,6 +40,9 @@ def test_write_folder_replaces_the_whole_folder_only_once_complete(tmp_path: Pat
     write_folder(out, lambda tmp: (tmp / "a.json").write_text("1"))
     write_folder(out, lambda tmp: (tmp / "b.json").write_text("2"))
     assert os.listdir(out) == ["b.json"]
+    (tmp_path / "plain").mkdir()  # the folder has the umask's permissions, as mkdir gives
+    assert out.stat().st_mode == (tmp_path / "plain").stat().st_mode
+    (tmp_path / "plain").rmdir()
 
     def half_written(tmp: Path) -> None:
         (tmp / "c.json").write_text("3")
@@ -45,6 +51,90 @@ def test_write_folder_replaces_the_whole_folder_only_once_complete(tmp_path: Pat
     with pytest.raises(RuntimeError, match="crash"):
         write_folder(out, half_written)
     assert os.listdir(out) == ["b.json"] and os.listdir(tmp_path) == ["suite"]
+
+
+SLOW_WRITER = """
+import sys, time
+from pathlib import Path
+from hub_sae.io import write_folder
+
+def fill(tmp):
+    (tmp / "first").write_text(sys.argv[2])
+    Path(sys.argv[1] + ".started").touch()
+    while not Path(sys.argv[3]).exists():  # half-written until the gate file appears
+        time.sleep(0.05)
+    (tmp / "second").write_text(sys.argv[2])
+
+write_folder(sys.argv[1], fill)
+"""
+
+HOLD = """
+import sys
+from hub_sae.io import folder_lock
+with folder_lock(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def python(script: str, *args: str, **popen) -> subprocess.Popen:
+    """A real process running `script` with this worktree's hub_sae."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.Popen([sys.executable, "-c", script, *args], env=env, text=True, **popen)
+
+
+def hold_lock(folder: Path) -> subprocess.Popen:
+    """A real process holding `folder`'s lock until its stdin closes."""
+    holder = python(HOLD, str(folder), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_a_second_process_writing_the_same_folder_stops_at_once(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    gate = tmp_path / "go"
+    first = python(SLOW_WRITER, str(out), "first", str(gate), stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not Path(f"{out}.started").exists():
+        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+        time.sleep(0.05)
+    second = python(SLOW_WRITER, str(out), "second", str(tmp_path), stderr=subprocess.PIPE)
+    assert second.wait(timeout=60) == 1
+    err = second.stderr.read()
+    assert f"FolderBusyError: {out} is in use: process {first.pid} " in err
+    assert f"holds its lock {tmp_path / '.out.lock'}" in err and "write elsewhere" in err
+    gate.touch()
+    assert first.wait(timeout=60) == 0, first.stderr.read()
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"first": "first", "second": "first"}
+    assert sorted(os.listdir(tmp_path)) == ["go", "out", "out.started"]  # no temp, no lock
+
+
+def test_a_lock_is_held_once_per_process_and_names_its_holder(tmp_path: Path) -> None:
+    holder = hold_lock(tmp_path / "suite")
+    with pytest.raises(FolderBusyError, match=f"process {holder.pid} .* Wait for it"):
+        write_folder(tmp_path / "suite", lambda tmp: None)
+    holder.communicate("")  # its stdin closes: it lets go
+    with folder_lock(tmp_path / "suite"), folder_lock(tmp_path / "suite"):  # nested: passes
+        write_folder(tmp_path / "suite", lambda tmp: (tmp / "a").write_text("1"))
+    assert os.listdir(tmp_path) == ["suite"]
+
+
+def test_write_folder_never_replaces_the_current_folder_and_writes_through_a_link(
+    tmp_path: Path, monkeypatch
+) -> None:
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for path in (".", "..", str(here), "/"):
+        with pytest.raises(ValueError, match="current folder or one above it.* a new folder"):
+            write_folder(path, lambda tmp: (tmp / "a").write_text("1"))
+    assert here.is_dir() and os.listdir(here) == []
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    write_folder(tmp_path / "link", lambda tmp: (tmp / "a").write_text("1"))
+    assert (tmp_path / "link").readlink() == tmp_path / "real"
+    assert os.listdir(tmp_path / "real") == ["a"]
+    assert sorted(os.listdir(tmp_path)) == ["here", "link", "real"]  # no dangling .link.old
 
 
 def test_is_int_refuses_bools_and_floats() -> None:

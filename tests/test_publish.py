@@ -70,16 +70,26 @@ def test_non_finite_weights_fail_the_dry_run(suite, capsys):
     assert code == 1 and "tensor b_dec holds NaN or Inf" in err
 
 
-def test_a_large_stray_file_is_pointed_out(suite, capsys):
-    with open(suite / "activations.bin", "wb") as f:
-        f.truncate(20_000_000)  # sparse: 20 MB on paper, nothing on disk
-    (suite / "layer_1" / "notes.txt").write_text("small, not worth a warning")
+def test_a_file_beyond_the_suite_layout_is_refused_unless_included(suite, capsys):
+    (suite / "hf_token.txt").write_text("hf_secret")
+    (suite / "layer_1" / "notes.txt").write_text("notes 123")
     code, out, err = dry_run(suite, capsys)
-    assert code == 0 and "activations.bin" in out
-    assert (
-        f"warning: {suite / 'activations.bin'} (20,000,000 bytes) is not part of the suite" in err
-    )
-    assert "notes.txt" not in err
+    assert code == 1 and "would push" not in out
+    for path in ("hf_token.txt", "layer_1/notes.txt"):
+        assert f"{suite / path} (9 B) is not part of the suite layout" in err.replace(
+            "(5 B)", "(9 B)"
+        )
+        assert f"move it out of the folder, or upload it with --include {path}" in err
+
+    args = ["push", str(suite), "--repo-id", REPO, "--dry-run", "--include", "layer_*/*.txt"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "hf_token.txt" in err and "notes.txt" not in err
+    assert main([*args, "--include", "hf_token.txt"]) == 0
+    captured = capsys.readouterr()
+    listed = [line.split()[0] for line in captured.out.splitlines()[1:-1]]
+    assert "hf_token.txt" in listed and "layer_1/notes.txt" in listed
+    assert "named by --include: hf_token.txt, layer_1/notes.txt" in captured.err
 
 
 def test_the_commit_deletes_what_the_suite_no_longer_has(suite):

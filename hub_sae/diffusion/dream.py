@@ -24,16 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hub_sae.diffusion.checks import check_number, check_prompt, check_whole
 from hub_sae.diffusion.steer import Steer
-from hub_sae.diffusion.timeline import (
-    Generation,
-    Recording,
-    check_number,
-    check_prompt,
-    check_whole,
-    token_logits,
-    vocab_limit,
-)
+from hub_sae.diffusion.timeline import Generation, Recording, token_logits, vocab_limit
 from hub_sae.models import BaseModel
 from hub_sae.sae import TopKSAE
 
@@ -93,7 +86,9 @@ def _check(max_new_tokens, steps, alg, alg_temp, temperature, top_p, top_k, eps)
     return check_whole("max_new_tokens", max_new_tokens, 0), check_whole("steps", steps, 1)
 
 
-def _pick(confidence: Tensor, wanted: Tensor, alg_temp: float | None, generator) -> Tensor:
+def _pick(
+    confidence: Tensor, wanted: Tensor, alg_temp: float | None, generator: torch.Generator | None
+) -> Tensor:
     """[B, T] bool: per row the `wanted[b]` most confident positions, or as many drawn from
     softmax(confidence / alg_temp). One batched call as the reference's when every row wants as
     many; else one call per row."""
@@ -145,7 +140,8 @@ def diffusion_generate(
       counts (masks in a prompt) its top-k can pick unmasked positions, re-masking them, and
       its last step can leave masks. Here a row commits at most its own masks and the last step
       all of them (one draw per row when the rows' counts differ);
-    - max_new_tokens=0 infills the prompt's masks (the reference needs one new token at least).
+    - max_new_tokens=0 infills the prompt's masks (the reference needs one new token at least);
+    - logits and confidences are float32 at least (the reference keeps the model's dtype).
     """
     max_new_tokens, steps = _check(
         max_new_tokens, steps, alg, alg_temp, temperature, top_p, top_k, eps
@@ -167,13 +163,13 @@ def diffusion_generate(
             confidence = torch.full(x.shape, float("-inf"), device=device)
             if alg == "origin":
                 p_transfer = 1 if last else 1 - s / t
-                chosen = torch.rand(len(mask_logits), generator=generator, device=device)
-                chosen = chosen < p_transfer
+                draws = torch.rand(len(mask_logits), generator=generator, device=device)
                 transfer = torch.zeros_like(mask)
-                transfer[mask] = chosen
-                _, confidence[transfer], x[transfer] = sample_tokens(
-                    mask_logits[chosen], temperature, top_p, top_k, generator
+                transfer[mask] = draws < p_transfer
+                _, x0_p, x0 = sample_tokens(
+                    mask_logits[draws < p_transfer], temperature, top_p, top_k, generator
                 )
+                x[transfer], confidence[transfer] = x0, x0_p
             else:
                 probs, x0_p, x0 = sample_tokens(mask_logits, temperature, top_p, top_k, generator)
                 if alg == "topk_margin":

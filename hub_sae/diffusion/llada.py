@@ -24,16 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hub_sae.diffusion.checks import check_number, check_prompt, check_whole
 from hub_sae.diffusion.steer import Steer
-from hub_sae.diffusion.timeline import (
-    Generation,
-    Recording,
-    check_number,
-    check_prompt,
-    check_whole,
-    token_logits,
-    vocab_limit,
-)
+from hub_sae.diffusion.timeline import Generation, Recording, token_logits, vocab_limit
 from hub_sae.models import BaseModel
 from hub_sae.sae import TopKSAE
 

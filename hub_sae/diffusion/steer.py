@@ -6,37 +6,16 @@ h + sum_f (new_f - old_f) W_dec[f], at chosen positions over a window of the dec
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from hub_sae.diffusion.checks import whole_ids
 from hub_sae.sae import TopKSAE
 
 STEER_MODES = ("clamp", "add")
-
-
-def whole_ids(what: str, ids: object) -> tuple[int, ...]:
-    """`ids` (a sequence of whole numbers >= 0) as a tuple of ints; floats, bools, negatives refused."""
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence | Tensor):
-        raise ValueError(f"{what} must be a sequence of ids such as (3, 17); got {ids!r}.")
-    out = []
-    for i in ids:
-        try:
-            if isinstance(i, bool):
-                raise TypeError
-            value = operator.index(i)
-        except TypeError:
-            raise ValueError(
-                f"{what} must be whole numbers (int); got {i!r} ({type(i).__name__}): "
-                f"write it as an int, e.g. {what.split()[-1]}=(3,)."
-            ) from None
-        if value < 0:
-            raise ValueError(f"{what} must be >= 0 (negative ids wrap around); got {value}.")
-        out.append(value)
-    return tuple(out)
 
 
 def check_features(sae: TopKSAE, layer: int, features: Sequence[int], what: str) -> None:
@@ -75,8 +54,8 @@ class Steer:
                     f"Steer positions {self.positions!r}: use 'masked', 'all' or position indices."
                 )
         else:
-            object.__setattr__(self, "positions", whole_ids("Steer positions", self.positions))
-        object.__setattr__(self, "features", whole_ids("Steer features", self.features))
+            object.__setattr__(self, "positions", whole_ids("Steer position", self.positions))
+        object.__setattr__(self, "features", whole_ids("Steer feature id", self.features))
         if not self.features:
             raise ValueError("Steer needs at least one feature.")
         if not math.isfinite(self.value):

@@ -1,4 +1,4 @@
-"""What both samplers share: the Timeline they record, the steering splices and the checks.
+"""What both samplers share: the Timeline they record and the steering splices.
 
 A `Recording` splices one recorder per SAE into the base model for the length of a decode: at each
 step it applies the active `Steer`s, then records the top features of every position (and the
@@ -7,8 +7,6 @@ watched ones); the sampler tells it which positions it committed, and with what 
 
 from __future__ import annotations
 
-import math
-import operator
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from typing import NamedTuple
@@ -17,13 +15,8 @@ import torch
 from torch import Tensor
 
 from hub_sae.activations import splice
-from hub_sae.diffusion.steer import (
-    Steer,
-    check_features,
-    feature_acts,
-    steer_residual,
-    whole_ids,
-)
+from hub_sae.diffusion.checks import check_whole, whole_ids
+from hub_sae.diffusion.steer import Steer, check_features, feature_acts, steer_residual
 from hub_sae.models import BaseModel
 from hub_sae.sae import TopKSAE
 
@@ -70,54 +63,6 @@ def token_logits(base: BaseModel, logits: Tensor, vocab: int) -> Tensor:
     logits[..., vocab:] = float("-inf")
     logits[..., base.mask_token_id] = float("-inf")
     return logits
-
-
-def check_whole(name: str, value: object, minimum: int) -> int:
-    """`value` as an int >= minimum, or an error naming `name`."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        whole = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be a whole number >= {minimum}; got {value!r}.") from None
-    if whole < minimum:
-        raise ValueError(f"{name} must be a whole number >= {minimum}; got {whole}.")
-    return whole
-
-
-def check_number(name: str, value: object, rule: str, ok: Callable[[float], bool]) -> float:
-    """`value` as a float that passes `ok` (NaN never does), or an error naming `name` and `rule`."""
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        number = math.nan
-    if math.isnan(number) or not ok(number):
-        raise ValueError(f"{name} must be {rule}; got {value!r}.")
-    return number
-
-
-def check_prompt(
-    base: BaseModel, ids: Tensor, new_tokens: int, attention_mask: Tensor | None, name: str
-) -> None:
-    """Refuse a prompt that is not [B, P] token ids, does not fit the model with `new_tokens`
-    more, or whose attention_mask is not [B, P]."""
-    if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.is_floating_point() or not ids.numel():
-        raise ValueError(
-            f"{name} must be a non-empty [batch, length] tensor of token ids; got "
-            f"{tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__}: "
-            f"use tokenizer(..., return_tensors='pt').input_ids."
-        )
-    length = ids.shape[1] + new_tokens
-    if length > base.max_length:
-        raise ValueError(
-            f"{ids.shape[1]} prompt tokens + {new_tokens} new ones = {length} exceed the model's "
-            f"maximum context of {base.max_length} tokens: shorten the prompt or generate fewer."
-        )
-    if attention_mask is not None and tuple(attention_mask.shape) != tuple(ids.shape):
-        raise ValueError(
-            f"attention_mask has shape {tuple(attention_mask.shape)}, but {name} has "
-            f"{tuple(ids.shape)}: give one 0/1 entry per prompt token (1 = real, 0 = padding)."
-        )
 
 
 class _Recorder:
@@ -174,10 +119,17 @@ class Recording:
         watch: Sequence[int],
     ):
         saes = saes or {}
+        for layer, sae in saes.items():
+            sae.require_resid_post("decoding with SAEs (generate, diffusion_generate, Steer)")
+            if sae.layer != layer:
+                raise ValueError(
+                    f"saes[{layer}] is an SAE of layer {sae.layer}: key each SAE by its own layer "
+                    "({sae.layer: sae}), or it is spliced into the wrong block."
+                )
         for steer in steering:
             steer.check(saes, x.shape[1], steps)
         self.top = check_whole("top", top, 0)
-        watched = whole_ids("watch features", watch)
+        watched = whole_ids("watch feature id", watch)
         self.watch = tuple(sorted({*watched, *(f for s in steering for f in s.features)}))
         for layer, sae in saes.items():
             check_features(sae, layer, self.watch, "watch feature")

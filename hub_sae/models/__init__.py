@@ -42,7 +42,8 @@ class BaseModel:
     tokenizer: object
     blocks: nn.ModuleList
     """One module per layer, in order."""
-    mask_token_id: int
+    mask_token_id: int | None
+    """The mask token; None for autoregressive models (family ar), which run policy clean only."""
     bos_token_id: int
     """Starts every packed context (BOS, or CLS for BERT-style encoders)."""
     eos_token_id: int
@@ -99,21 +100,30 @@ def family(name_or_path: str) -> str:
     known hub names (LLaDA, Dream, Qwen) and the embedded default need no file at all.
     Loads no weights.
     """
-    if name_or_path == DEFAULT_MODEL:
-        return "mlm"
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
+    if name_or_path != DEFAULT_MODEL and path.is_dir():
         return family_of_config(_read_config(path / "config.json"), str(path))
-    lower = name_or_path.lower()
-    for prefix, known in KNOWN_FAMILIES.items():
-        if lower.startswith(prefix):
-            return known
+    known = known_family(name_or_path)
+    if known is not None:
+        return known
     from hub_sae.io import HubOptions, local_path
 
     if local_path(name_or_path) is None:  # a hub repo id: fetch its config.json only
         folder = HubOptions().snapshot(name_or_path, allow_patterns=["config.json"])
         return family_of_config(_read_config(folder / "config.json"), name_or_path)
     raise FileNotFoundError(f"{name_or_path} is not a model folder (it has no config.json)")
+
+
+def known_family(name: str) -> str | None:
+    """The family of the embedded default or a known hub name (LLaDA, Dream, Qwen), else None.
+    Reads no file."""
+    if name == DEFAULT_MODEL:
+        return "mlm"
+    lower = name.lower()
+    for prefix, known in KNOWN_FAMILIES.items():
+        if lower.startswith(prefix):
+            return known
+    return None
 
 
 def _read_config(path: Path) -> dict:

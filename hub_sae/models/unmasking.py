@@ -108,8 +108,10 @@ def _masked_states(base: BaseModel, split: str, tokens: int, seed: int) -> tuple
         )
         hidden = base.model(
             input_ids=batch.input_ids.to(base.device), attention_mask=attention_mask.to(base.device)
-        )
-        states.append(hidden.last_hidden_state[batch.is_masked.to(base.device)].float().cpu())
+        ).last_hidden_state
+        # the states that predict the masked tokens, aligned like logits (`BaseModel.align`)
+        masked = batch.is_masked.to(base.device)
+        states.append(base.align(hidden)[masked].float().cpu())
         targets.append(input_ids[batch.is_masked])
         seen += input_ids.numel()
         if seen >= tokens:

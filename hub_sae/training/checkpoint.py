@@ -12,7 +12,6 @@ use); the rest apply from the resumed step on (the lr schedule is a function of 
 
 from __future__ import annotations
 
-import fcntl
 import os
 import pickle
 import re
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from hub_sae.io import writing
+from hub_sae.io import folder_lock, writing
 from hub_sae.training.config import CHECKPOINTS, TrainConfig
 
 RESUME_FIXED = (
@@ -137,20 +136,16 @@ def check_resume(path: Path, saved: dict, cfg: TrainConfig) -> None:
 
 @contextmanager
 def run_lock(cfg: TrainConfig, accelerator: Accelerator) -> Iterator[None]:
-    """Held by process 0 for the whole run: a second run of the same name stops at once."""
+    """Held by process 0 for the whole run: the suite folder's lock (`hub_sae.io.folder_lock`), so
+    a second run of the same name, or a `hub-sae eval` of its suite, stops at once."""
     if not accelerator.is_main_process:
         yield
         return
-    path = Path(cfg.output_dir) / f".{cfg.name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(
-                f"run {cfg.name!r} is already running ({path} is locked by another process); "
-                "wait for it to finish, or pick another --name."
-            ) from None
+    fix = (
+        f"run {cfg.name!r} is already running (or its suite is being evaluated): wait for it to "
+        "finish, or pick another --name."
+    )
+    with folder_lock(Path(cfg.output_dir) / cfg.name, fix):
         yield
 
 

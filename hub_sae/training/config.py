@@ -18,7 +18,7 @@ from transformers import HfArgumentParser
 
 from hub_sae.activations import check_layers
 from hub_sae.data import DataConfig, token_batches
-from hub_sae.masking import Corruption, check_selects
+from hub_sae.masking import Corruption, check_policy, check_selects
 from hub_sae.models import BaseModel
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "training" / "configs" / "minilm-mask.yaml"
@@ -52,7 +52,10 @@ class TrainConfig:
         metadata={"help": "blocks whose resid_post is hooked, e.g. --layers 1 3"},
     )
     policy: str = field(
-        default="mask", metadata={"help": "positions kept: mask, unmask, all or clean"}
+        default="mask",
+        metadata={
+            "help": "positions kept: mask, unmask, all or clean (autoregressive models: clean only)"
+        },
     )
     schedule: str = field(
         default="dlm_scope",
@@ -238,6 +241,7 @@ class TrainConfig:
 
     def check(self, base: BaseModel) -> None:
         """What needs the base model; stops with a clear message before anything is written."""
+        check_policy(self.policy, base.family)  # the family's policies (post_init: the rest)
         check_layers(base, self.layers)
         d_sae = self.latents(base.d_model)
         if any(not 0 < k < d_sae for k in self.ks):

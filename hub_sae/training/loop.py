@@ -24,7 +24,8 @@ from transformers import get_wsd_schedule
 
 from hub_sae.evaluate import evaluate_suite
 from hub_sae.features import collect_features
-from hub_sae.models import BaseModel, load_base_model
+from hub_sae.masking import check_policy
+from hub_sae.models import BaseModel, family, load_base_model
 from hub_sae.suite import SuiteInfo, save_suite
 from hub_sae.training.checkpoint import (
     TrainState,
@@ -113,6 +114,7 @@ def start(cfg: TrainConfig) -> Accelerator:
 
 
 def load(cfg: TrainConfig, accelerator: Accelerator) -> BaseModel:
+    check_policy(cfg.policy, family(cfg.model))  # before a long load: config.json says enough
     accelerator.print(f"loading {cfg.model} ({cfg.dtype}) on {accelerator.device} ...")
     base = load_base_model(cfg.model, dtype=getattr(torch, cfg.dtype), device=accelerator.device)
     cfg.check(base)

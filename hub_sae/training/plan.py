@@ -14,15 +14,32 @@ from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
 from hub_sae.models import DEFAULT_MODEL, _read_config, family_of_config
 from hub_sae.training.config import DISTRIBUTE, TrainConfig
 from hub_sae.training.saes import placement, sae_numel
 
-KNOWN = {"GSAI-ML/LLaDA-8B-Base": "llada", "Dream-org/Dream-v0-Base-7B": "dream"}
-"""Planned from the defaults of hub_sae's LLaDAConfig / DreamConfig (their config.json) when no
-config.json is at hand."""
+QWEN2_5_7B = {
+    "model_type": "qwen2",
+    "architectures": ["Qwen2ForCausalLM"],
+    "vocab_size": 152064,
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 131072,
+    "tie_word_embeddings": False,
+}
+"""The shape keys of Qwen/Qwen2.5-7B's config.json (DLM-Scope's autoregressive baseline)."""
+KNOWN = {
+    "GSAI-ML/LLaDA-8B-Base": {"model_type": "llada"},
+    "Dream-org/Dream-v0-Base-7B": {"model_type": "Dream"},
+    "Qwen/Qwen2.5-7B": QWEN2_5_7B,
+}
+"""config.json of the models planned without it at hand (LLaDA and Dream: the defaults of hub_sae's
+LLaDAConfig / DreamConfig, which are theirs)."""
 FLOAT = 4
 ADAM_STEP = 4
 """torch's Adam keeps a float32 step counter per parameter tensor."""
@@ -95,8 +112,8 @@ def model_shape(name: str) -> ModelShape:
             f"cannot plan for {name}: its config.json is neither local nor in the Hugging Face "
             f"cache; fetch it first (`hf download {name} config.json`) or pass a local folder."
         )
-    config = _read_config(path) if path else {}
-    kind = family_of_config(config, str(path)) if path else KNOWN[name]
+    config = _read_config(path) if path else KNOWN[name]
+    kind = family_of_config(config, str(path or name))
     with torch.device("meta"):
         if kind == "llada":
             from hub_sae.models.llada import LLaDAConfig, LLaDAModelLM
@@ -111,8 +128,12 @@ def model_shape(name: str) -> ModelShape:
             model, d_model = DreamModel(dream), dream.hidden_size
             n_layers, d_ff = dream.num_hidden_layers, dream.intermediate_size
         else:
-            hf = AutoConfig.from_pretrained(path.parent)
-            model = _hf_model(hf, path.parent)
+            if path is None:
+                hf = AutoConfig.for_model(**config)
+            else:
+                hf = AutoConfig.from_pretrained(path.parent, trust_remote_code=False)
+            ar = kind == "ar"  # load_hf's causal LM, with its head
+            model = AutoModelForCausalLM.from_config(hf) if ar else _hf_model(hf, path.parent)
             d_model, n_layers = hf.hidden_size, hf.num_hidden_layers
             d_ff = getattr(hf, "intermediate_size", None) or 4 * d_model
     return ModelShape(sum(p.numel() for p in model.parameters()), d_model, n_layers, d_ff)
