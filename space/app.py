@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 from collections.abc import Callable
 
 import gradio as gr
 import pandas as pd
 import views
-from explorer import Analysis, DecodeRun, Explorer, InputError, whole_number
+from explorer import SAMPLERS, Analysis, DecodeRun, Explorer, InputError, Sampling, finite
 
-from hub_sae.diffusion import Steer
+from hub_sae.diffusion import ALGS, REMASKING, Steer
 
-EXAMPLE = "The [MASK] statement is used to leave a loop early, and [MASK] skips to the next one."
+EXAMPLE = "The {} statement is used to leave a loop early, and {} skips to the next one."
+EXAMPLE_WORDS = ("break", "continue")
+"""The example prompt: the model's mask token in both blanks, or these words for a model without."""
 CONCURRENCY, QUEUE_SIZE = 2, 64
 CSS = """
 #heatmap .score-token:not(.highlighted) { opacity: 0.45; }
@@ -45,6 +48,12 @@ def user_errors(fn: Callable) -> Callable:
             raise gr.Error(str(e), print_exception=False) from e
 
     return wrapper
+
+
+def example(explorer: Explorer) -> str:
+    """The example prompt for this model: masked with its own mask token, or clean (ar)."""
+    mask = explorer.mask_text
+    return EXAMPLE.format(*(EXAMPLE_WORDS if mask is None else (mask, mask)))
 
 
 def _analysis(explorer: Explorer, prompt: str, ratio: float, seed: float | None) -> Analysis:
@@ -101,39 +110,55 @@ def parse_steer(
             where = tuple(int(p) for p in text.replace(",", " ").split())
         except ValueError:
             raise InputError(f"Steer at: {STEER_POSITIONS}; got {positions!r}.") from None
+    value = finite("Steer value", 0.0 if value is None else value, "a finite number", math.isfinite)
+    share = finite(
+        "The steered share", 1.0 if share is None else share, "in (0, 1]", lambda s: 0 < s <= 1
+    )
     try:
-        return Steer(
-            int(layer),
-            (int(feature or 0),),
-            float(value or 0.0),  # Steer refuses a non-finite value
-            mode or "clamp",
-            (0.0, float(share or 1.0)),
-            where,
-        )
+        return Steer(int(layer), (int(feature or 0),), value, mode or "clamp", (0.0, share), where)
     except ValueError as e:
         raise InputError(str(e)) from e
 
 
 def _run(
-    explorer, prompt, layer, ratio, seed, steps, feature, value, mode, share, positions
+    explorer: Explorer,
+    prompt: str,
+    layer: int,
+    ratio: float,
+    seed: float,
+    steps: float,
+    feature: float,
+    value: float,
+    mode: str,
+    share: float,
+    positions: str,
+    sampler: str | None = None,
+    temperature: float | None = Sampling.temperature,
+    remasking: str = Sampling.remasking,
+    alg: str = Sampling.alg,
+    alg_temp: float | None = Sampling.alg_temp,
+    top_p: float | None = Sampling.top_p,
+    top_k: float | None = Sampling.top_k,
+    chat: str | None = "",
+    answer: float | None = 16,
 ) -> DecodeRun:
+    """The decode of the Decode tab's inputs (in the order of `decode_tab`'s components)."""
+    if explorer.decode_refusal:
+        raise InputError(explorer.decode_refusal)
     feature = explorer.check_feature(layer, feature)
     steer = parse_steer(layer, feature, value, mode, share, positions)
-    if not isinstance(steer.positions, str):
-        n = len(explorer.prepare(prompt, float(ratio or 0.0), explorer.check_seed(seed)).tokens)
-        if not all(0 <= p < n for p in steer.positions):
-            raise InputError(f"Steer positions must lie in 0..{n - 1}; got {positions!r}.")
-    steps = whole_number("Steps", 1 if steps is None else steps, explorer.max_tokens)
-    return explorer.decode(prompt, float(ratio or 0.0), explorer.check_seed(seed), steps, steer)
+    sampling = explorer.sampling(
+        sampler, steps, temperature, remasking, alg, alg_temp, top_p, top_k
+    )
+    if not (chat or "").strip():
+        chat, answer = "", 0  # one cache entry per typed prompt
+    seed = explorer.check_seed(seed)
+    return explorer.decode(prompt, float(ratio or 0.0), seed, sampling, steer, chat, answer)
 
 
 @user_errors
 def decode(explorer: Explorer, *args) -> tuple:
-    """Plain and steered decoding side by side, their numbers and their timelines.
-
-    args: prompt, layer, ratio, seed, steps, feature, value, mode, share (first share of the
-    steps), positions.
-    """
+    """Plain and steered decoding side by side, their numbers and their timelines (args: `_run`'s)."""
     run = _run(explorer, *args)
     return (
         views.decoded_text(explorer, run, run.plain),
@@ -160,9 +185,7 @@ def timeline_cell(
 def cell_picker(explorer: Explorer, which: str) -> Callable:
     """The select handler of one timeline: the clicked cell's features (Gradio passes the cell)."""
 
-    def pick(prompt, layer, ratio, seed, steps, feature, value, mode, share, positions,
-             evt: gr.SelectData):  # fmt: skip
-        args = (prompt, layer, ratio, seed, steps, feature, value, mode, share, positions)
+    def pick(evt: gr.SelectData, *args):
         return timeline_cell(explorer, which, evt.index, *args)
 
     return pick
@@ -187,7 +210,7 @@ def explore_tab(explorer: Explorer, inputs: list[gr.Component]) -> gr.Number:
         table = gr.Dataframe(label="Top features of the token (click one)", interactive=False)
         with gr.Column():
             summary = gr.Markdown()
-            lens = gr.Dataframe(label="Logit lens: promoted tokens", interactive=False)
+            lens = gr.Dataframe(label=views.lens_label(explorer), interactive=False)
     contexts = gr.Dataframe(label="Top-activating training contexts", interactive=False, wrap=True)
 
     feature_out = [heatmap, summary, contexts, lens]
@@ -220,23 +243,55 @@ def explore_tab(explorer: Explorer, inputs: list[gr.Component]) -> gr.Number:
 
 
 def decode_tab(explorer: Explorer, inputs: list[gr.Component], explored: gr.Number) -> None:
-    """Decoding of the masked positions, plain and with a feature steered over a window of steps
-    (by default the feature shown in the Explore tab), and each decode's timeline."""
-    if explorer.head is None:
-        gr.Markdown(f"Decoding needs an LM head; `{explorer.base.name}` has none.")
+    """Decoding of the masked positions (or of a chat answer), plain and with a feature steered
+    over a window of steps (by default the feature shown in the Explore tab), and each decode's
+    timeline; the sampler and its options default to the model family's."""
+    if explorer.decode_refusal:
+        gr.Markdown(explorer.decode_refusal)
         return
+    default = explorer.sampling()
     gr.Markdown(
-        f"LLaDA's decoding (greedy, low-confidence remasking) of `{explorer.base.name}`: each "
-        "step predicts every masked position and commits the most confident ones. The steered "
-        "run adds to or clamps one feature (the SAE error term is kept, so only that feature's "
-        "change moves the residual)."
+        f"Iterative decoding of `{explorer.base.name}` (family `{explorer.base.family}`): each "
+        "step predicts every masked position and commits some of them. LLaDA's sampler commits "
+        "the most confident (or random ones, `remasking`); Dream's picks them by its `alg` "
+        "(`origin`: at random; the others by confidence, margin or entropy; `alg_temp` samples "
+        "them). The steered run adds to or clamps one feature (the SAE error term is kept, so "
+        "only that feature's change moves the residual)."
+    )
+    with gr.Row(visible=explorer.chat):
+        chat = gr.Textbox(
+            value="",
+            placeholder="e.g. Write one sentence about loops.",
+            label="Chat message (when given, the decode answers it through the model's chat "
+            "template instead of filling the prompt's masks)",
+            scale=4,
+        )
+        answer = gr.Number(value=16, step=1, label="Answer tokens")  # checked by the handlers
+    with gr.Row():
+        sampler = gr.Radio(
+            [(label, name) for name, label in SAMPLERS.items()],
+            value=default.sampler,
+            label="Sampler",
+        )
+        steps = gr.Slider(1, 64, value=default.steps, step=1, label="Steps")
+        temperature = gr.Number(value=default.temperature, label="temperature (0: greedy)")
+    with gr.Row(visible=default.sampler == "llada") as llada_options:
+        remasking = gr.Radio(list(REMASKING), value=default.remasking, label="remasking")
+    with gr.Row(visible=default.sampler == "dream") as dream_options:
+        alg = gr.Dropdown(list(ALGS), value=default.alg, label="alg")
+        alg_temp = gr.Number(value=default.alg_temp, label="alg_temp (0: most confident first)")
+        top_p = gr.Number(value=default.top_p, label="top_p (1: every token)")
+        top_k = gr.Number(value=default.top_k or 0, label="top_k (0: every token)")
+    sampler.change(
+        lambda name: (gr.Row(visible=name == "llada"), gr.Row(visible=name == "dream")),
+        sampler,
+        [llada_options, dream_options],
+        api_name=False,
     )
     with gr.Row():
-        steps = gr.Slider(1, 64, value=8, step=1, label="Steps")
         feature = gr.Number(label="Feature to steer", minimum=0, value=0)
         value = gr.Number(label="Value", value=10.0)
         mode = gr.Radio(["clamp", "add"], value="clamp", label="Steering")
-    with gr.Row():
         share = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Steer during the first share")
         positions = gr.Textbox(value="masked", label=f"Steer at ({STEER_POSITIONS})")
     explored.change(lambda f: f, explored, feature, api_name=False)
@@ -257,7 +312,8 @@ def decode_tab(explorer: Explorer, inputs: list[gr.Component], explored: gr.Numb
     )
     cell_title = gr.Markdown()
     cell = gr.Dataframe(label="Features of the cell", interactive=False)
-    decode_inputs = [*inputs, steps, feature, value, mode, share, positions]
+    decode_inputs = [*inputs, steps, feature, value, mode, share, positions, sampler, temperature]
+    decode_inputs += [remasking, alg, alg_temp, top_p, top_k, chat, answer]
     run.click(
         functools.partial(decode, explorer),
         inputs=decode_inputs,
@@ -273,14 +329,12 @@ def decode_tab(explorer: Explorer, inputs: list[gr.Component], explored: gr.Numb
 def build_app(source: str | Explorer | None = None) -> gr.Blocks:
     """The Space for a suite (local folder or hub id; default `default_suite()`), loaded once."""
     explorer = source if isinstance(source, Explorer) else Explorer.load(source)
-    example = EXAMPLE.replace("[MASK]", explorer.mask_text)
     with gr.Blocks(title="hub-sae explorer") as demo:
         gr.Markdown(views.header(explorer))
         with gr.Row():
             prompt = gr.Textbox(
-                label=f"Prompt (at most {explorer.max_tokens} tokens; type {explorer.mask_text} "
-                "for masked positions)",
-                value=example,
+                label=f"Prompt (at most {explorer.max_tokens} tokens; {explorer.mask_hint()})",
+                value=example(explorer),
                 lines=3,
                 scale=4,
             )
@@ -289,7 +343,12 @@ def build_app(source: str | Explorer | None = None) -> gr.Blocks:
                     choices=explorer.layers, value=explorer.default_layer, label="Layer"
                 )
                 ratio = gr.Slider(
-                    0.0, 1.0, value=0.0, step=0.05, label="Also mask at random (ratio)"
+                    0.0,
+                    1.0,
+                    value=0.0,
+                    step=0.05,
+                    label="Also mask at random (ratio)",
+                    interactive=explorer.mask_text is not None,  # no mask token: clean text only
                 )
                 seed = gr.Number(value=0, step=1, label="Seed")  # checked by the handlers
         inputs = [prompt, layers, ratio, seed]

@@ -2,7 +2,10 @@
 
 A prompt is tokenised (BOS first), masked where the user typed the model's mask token and, if
 asked, at random with a seeded `corrupt`; the suite's policy then picks the selected positions.
-One forward that stops after the deepest hooked block feeds every layer's SAE.
+One forward that stops after the deepest hooked block feeds every layer's SAE. An instruct model's
+chat prompt (`chat_inputs`) is followed by masked answer positions for the decode. An
+autoregressive model (family ar) has no mask token: it is explored on clean text only and never
+decoded.
 
 Tensors in, plain records out (NamedTuples, lists, floats, strings): no pandas, Gradio, HTML or
 markdown here. `views.py` draws these records; `app.py` wires them to Gradio.
@@ -13,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -23,11 +27,22 @@ from huggingface_hub.errors import EntryNotFoundError
 from torch import Tensor, nn
 
 from hub_sae.activations import capture
-from hub_sae.diffusion import Generation, Steer, generate, masked_log_likelihood, vocab_limit
+from hub_sae.diffusion import (
+    ALGS,
+    REMASKING,
+    Generation,
+    Steer,
+    diffusion_generate,
+    generate,
+    masked_log_likelihood,
+    vocab_limit,
+)
+from hub_sae.diffusion.checks import check_number
 from hub_sae.features import FEATURES_FILE, FeatureStats, load_features
 from hub_sae.io import HubOptions, inside, local_path
 from hub_sae.masking import Corruption, corrupt, select_positions
 from hub_sae.models import BaseModel, load_base_model
+from hub_sae.models.chat import chat_inputs
 from hub_sae.models.unmasking import with_unmasking_head
 from hub_sae.sae import EncoderOutput, TopKSAE
 from hub_sae.suite import SUITE_FILE, SuiteInfo, read_suite
@@ -44,21 +59,69 @@ STEER_MAX = 1e4
 """The largest |steering value|: far above any SAE activation (tens to hundreds), far below
 float32's overflow (1e39 is inf there, 1e300 added turns every logit into NaN)."""
 SEED_MAX = 2**32 - 1
+SAMPLERS = {"llada": "LLaDA's generate", "dream": "Dream's diffusion_generate"}
+"""The decoding samplers by name; both run on every family with a mask token."""
 
 
 class InputError(ValueError):
     """A problem with what the user typed; the app shows the message."""
 
 
-def whole_number(field: str, value: object, maximum: int) -> int:
-    """`value` as an integer in [0, maximum], else an InputError naming `field`."""
+def whole_number(field: str, value: object, maximum: int, minimum: int = 0) -> int:
+    """`value` as an integer in [minimum, maximum], else an InputError naming `field`."""
     try:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         number = math.nan
-    if not (number.is_integer() and 0 <= number <= maximum):
-        raise InputError(f"{field} must be a whole number between 0 and {maximum}; got {value!r}.")
+    if not (number.is_integer() and minimum <= number <= maximum):
+        raise InputError(
+            f"{field} must be a whole number between {minimum} and {maximum}; got {value!r}."
+        )
     return int(number)
+
+
+def finite(field: str, value: object, rule: str, ok: Callable[[float], bool]) -> float:
+    """`value` as a float that passes `ok` (`check_number`), else an InputError naming `field`."""
+    try:
+        return check_number(field, value, rule, ok)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
+def default_sampler(family: str) -> str:
+    """Dream's sampler for Dream models, LLaDA's for the others."""
+    return "dream" if family == "dream" else "llada"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """A sampler and its options, checked (`Explorer.sampling`); hashable, so decodes are cached."""
+
+    sampler: str = "llada"
+    """A key of SAMPLERS."""
+    steps: int = 8
+    temperature: float = 0.0
+    remasking: str = "low_confidence"
+    """LLaDA's sampler: one of REMASKING."""
+    alg: str = "entropy"
+    """Dream's sampler: one of ALGS."""
+    alg_temp: float | None = 0.0
+    """None or 0: commit the most confident positions; > 0: draw them."""
+    top_p: float | None = 1.0
+    """None or 1: every token."""
+    top_k: int | None = None
+    """None: every token."""
+
+    def describe(self) -> str:
+        """The sampler and the options it uses, as one line."""
+        options = [f"{self.steps} steps", f"temperature {self.temperature:g}"]
+        if self.sampler == "llada":
+            options.append(f"remasking {self.remasking}")
+        else:
+            options.append(f"alg {self.alg}, alg_temp {self.alg_temp or 0:g}")
+            options.append(f"top_p {1 if self.top_p is None else self.top_p:g}")
+            options.append(f"top_k {self.top_k or 'all'}")
+        return f"{SAMPLERS[self.sampler]} ({', '.join(options)})"
 
 
 def default_suite(runs: Path | str = "runs") -> str:
@@ -110,9 +173,14 @@ def unembed(base: BaseModel) -> nn.Module | None:
     """The model's final norm + output head (residual -> logits), or None without an LM head."""
     if not base.has_lm_head:
         return None
-    transformer = getattr(getattr(base.model, "model", None), "transformer", None)
+    inner = getattr(base.model, "model", None)
+    transformer = getattr(inner, "transformer", None)
     if transformer is not None and "ln_f" in transformer:  # native LLaDA
         return nn.Sequential(transformer.ln_f, transformer.ff_out)
+    if hasattr(inner, "norm") and hasattr(base.model, "lm_head"):  # Dream, HF decoders (Qwen2)
+        return nn.Sequential(inner.norm, base.model.lm_head)
+    if hasattr(inner, "final_norm") and hasattr(base.model, "head"):  # ModernBERT
+        return nn.Sequential(inner.final_norm, base.model.head, base.model.decoder)
     for name in ("cls", "lm_head"):  # BERT-style and RoBERTa-style masked-LM heads
         if hasattr(base.model, name):
             return getattr(base.model, name)
@@ -166,6 +234,7 @@ class DecodeRun(NamedTuple):
     """A decode of a prompt's masked positions, plain and steered, with the model's own numbers."""
 
     prompt: Prompt
+    sampling: Sampling
     plain: Generation
     steered: Generation
     steer: Steer
@@ -244,8 +313,80 @@ class Explorer:
         return self.max_tokens * CHARS_PER_TOKEN
 
     @property
-    def mask_text(self) -> str:
+    def mask_text(self) -> str | None:
+        """The base model's mask token as typed in a prompt; None for a model without one (ar)."""
+        if self.base.mask_token_id is None:
+            return None
         return self.base.tokenizer.convert_ids_to_tokens(self.base.mask_token_id)
+
+    @property
+    def decode_refusal(self) -> str | None:
+        """Why this model cannot be decoded, or None when it can."""
+        if self.base.mask_token_id is None:
+            return (
+                f"{self.base.name} is an autoregressive model (family {self.base.family}): it has "
+                "no mask token to denoise, so there is nothing to decode. Explore its features "
+                "on clean text instead."
+            )
+        if self.head is None:
+            return f"Decoding needs an LM head; {self.base.name} has none."
+        return None
+
+    @property
+    def chat(self) -> bool:
+        """Whether the tokenizer has a chat template (an instruct model): the decode can answer."""
+        return bool(getattr(self.base.tokenizer, "chat_template", None))
+
+    @property
+    def lens_position(self) -> str:
+        """Where the logit lens's tokens are promoted: shifted families predict the next token."""
+        if self.base.shifted:
+            return (
+                f"the NEXT position ({self.base.family} logits are shifted: the residual at "
+                "position i predicts token i + 1)"
+            )
+        return "the same position (the residual at position i predicts token i)"
+
+    def mask_hint(self) -> str:
+        """What to type for masked positions, or why there are none."""
+        if self.mask_text is None:
+            return "clean text only: an autoregressive model has no mask token"
+        return f"type {self.mask_text} for masked positions"
+
+    def sampling(
+        self,
+        sampler: str | None = None,
+        steps: object = Sampling.steps,
+        temperature: object = Sampling.temperature,
+        remasking: str = Sampling.remasking,
+        alg: str = Sampling.alg,
+        alg_temp: object = Sampling.alg_temp,
+        top_p: object = Sampling.top_p,
+        top_k: object = Sampling.top_k,
+    ) -> Sampling:
+        """Checked sampler options (sampler None: the family's default; alg_temp, top_p None: off;
+        top_k None or 0: every token)."""
+        sampler = sampler or default_sampler(self.base.family)
+        for name, value, choices in (
+            ("Sampler", sampler, tuple(SAMPLERS)),
+            ("Remasking", remasking, REMASKING),
+            ("alg", alg, ALGS),
+        ):
+            if value not in choices:
+                raise InputError(f"{name} {value!r}: choose one of {', '.join(choices)}.")
+        rule = "a finite number >= 0"
+        return Sampling(
+            sampler,
+            whole_number("Steps", 1 if steps is None else steps, self.max_tokens, 1),
+            finite("temperature", temperature or 0.0, rule, lambda t: 0 <= t < math.inf),
+            remasking,
+            alg,
+            None
+            if alg_temp is None
+            else finite("alg_temp", alg_temp, rule, lambda t: 0 <= t < math.inf),
+            None if top_p is None else finite("top_p", top_p, "in (0, 1]", lambda p: 0 < p <= 1),
+            None if top_k is None else whole_number("top_k", top_k, vocab_limit(self.base)) or None,
+        )
 
     def token_text(self, token_id: int) -> str:
         """A single token as readable text (`<id>` for ids the tokenizer cannot write)."""
@@ -259,7 +400,7 @@ class Explorer:
     def tokenize(self, text: str) -> tuple[list[int], list[str]]:
         """Token ids (BOS first) and the display text of each, leading whitespace included."""
         if not text.strip():
-            raise InputError(f"Write a prompt first (type {self.mask_text} for masked positions).")
+            raise InputError(f"Write a prompt first ({self.mask_hint()}).")
         if len(text) > self.max_chars:  # a 10 MB prompt took 9 s and 2 GB to tokenise
             raise InputError(
                 f"The prompt is {len(text):,} characters long; this Space reads at most "
@@ -288,16 +429,19 @@ class Explorer:
         """Tokenise, mask (typed mask tokens + each token with probability `ratio`), select."""
         if not 0.0 <= ratio <= 1.0:
             raise InputError(f"The mask ratio must lie in [0, 1]; got {ratio}.")
+        if ratio > 0 and self.mask_text is None:
+            raise InputError(
+                f"{self.base.name} is autoregressive (family {self.base.family}): it has no mask "
+                "token, so its SAEs read clean text only. Set the mask ratio to 0."
+            )
         ids, tokens = self.tokenize(text)
-        clean = torch.tensor(ids)
-        is_masked = clean == self.base.mask_token_id
+        clean, mask_id = torch.tensor(ids), self.base.mask_token_id
+        is_masked = torch.zeros(len(ids), dtype=torch.bool) if mask_id is None else clean == mask_id
         is_masked[0] = False
         if ratio > 0:
             generator = torch.Generator().manual_seed(int(seed))
             schedule = Corruption(t_min=ratio, t_max=ratio)
-            batch = corrupt(
-                clean[None], None, self.base.mask_token_id, self.policy, schedule, generator
-            )
+            batch = corrupt(clean[None], None, mask_id, self.policy, schedule, generator)
             random = batch.is_masked[0] & ~is_masked
             is_masked |= random
             tokens = [
@@ -305,8 +449,32 @@ class Explorer:
                 for t, r in zip(tokens, random.tolist(), strict=True)
             ]
         selected = select_positions(is_masked[None], None, self.policy)[0]
-        masked_ids = clean.masked_fill(is_masked, self.base.mask_token_id)
+        masked_ids = clean if self.mask_text is None else clean.masked_fill(is_masked, mask_id)
         return Prompt(masked_ids, clean, is_masked, selected, tokens)
+
+    def chat_prompt(self, message: str, answer: int) -> Prompt:
+        """An instruct model's chat prompt for `message` (`chat_inputs`) followed by `answer`
+        masked positions for the decode to fill; shown as the prompt's own text."""
+        if not self.chat:
+            raise InputError(
+                f"The tokenizer of {self.base.name} has no chat template, so it cannot answer a "
+                "chat message: leave the chat box empty and decode the prompt's masks."
+            )
+        if not message.strip():
+            raise InputError("Write a chat message first.")
+        prompt = chat_inputs(self.base, message)[0][0].cpu().tolist()
+        limit = min(self.max_tokens, self.base.max_length)
+        if len(prompt) >= limit:
+            raise InputError(
+                f"The chat prompt is {len(prompt)} tokens long; this Space decodes at most "
+                f"{limit} with the answer. Shorten the message."
+            )
+        answer = whole_number("Answer tokens", answer, limit - len(prompt), 1)
+        ids = torch.tensor([*prompt, *[self.base.mask_token_id] * answer])
+        is_masked = torch.arange(len(ids)) >= len(prompt)
+        selected = select_positions(is_masked[None], None, self.policy)[0]
+        tokens = [self.token_text(i) for i in prompt] + [f" {self.mask_text}"] * answer
+        return Prompt(ids, ids, is_masked, selected, tokens)
 
     @torch.no_grad()
     def _analyse(self, text: str, ratio: float = 0.0, seed: int = 0) -> Analysis:
@@ -316,6 +484,8 @@ class Explorer:
             raise InputError(
                 f"No position to analyse: the suite's policy is {self.policy!r}. Type "
                 f"{self.mask_text} in the prompt or set a mask ratio above 0."
+                if self.mask_text
+                else "No position to analyse: write a prompt of two tokens or more."
             )
         selected = prompt.selected
         with self.lock:  # hooks live on the shared model: one forward at a time
@@ -413,7 +583,8 @@ class Explorer:
     @torch.no_grad()
     def logit_lens(self, layer: int, feature: int, n: int = 10) -> list[LensToken]:
         """Tokens the feature's decoder direction promotes through the final norm + LM head,
-        strongest first ([] without an LM head)."""
+        strongest first ([] without an LM head); at the next position for shifted families
+        (`lens_position`)."""
         if self.head is None:
             return []
         sae = self.saes[self.check_layer(layer)]
@@ -424,34 +595,82 @@ class Explorer:
         values, ids = logits.topk(min(n, len(logits)))
         return [LensToken(self.token_text(i), float(v)) for v, i in zip(values, ids, strict=True)]
 
-    @torch.no_grad()
-    def _decode(self, text: str, ratio: float, seed: int, steps: int, steer: Steer) -> DecodeRun:
-        """Fill in the prompt's masks with LLaDA's sampler (greedy, low-confidence remasking),
-        once plain and once with `steer`; every step's top features of its layer are recorded.
-        Cached: clicking a cell of the timeline reads the same run again."""
-        if self.head is None:
-            raise InputError(f"Decoding needs an LM head; {self.base.name} has none.")
+    def decode_prompt(
+        self, text: str, ratio: float, seed: int, chat: str = "", answer: int = 0
+    ) -> Prompt:
+        """What a decode fills in: the chat prompt and its answer when `chat` is given, else the
+        typed prompt's masks."""
+        if self.decode_refusal:
+            raise InputError(self.decode_refusal)
+        if chat and chat.strip():
+            return self.chat_prompt(chat, answer)
         prompt = self.prepare(text, ratio, seed)
         if not prompt.is_masked.any():
             raise InputError(
                 f"Nothing to decode: type {self.mask_text} or set a mask ratio above 0."
             )
-        if not 1 <= int(steps) <= self.max_tokens:
-            raise InputError(f"Steps must lie between 1 and {self.max_tokens}; got {steps}.")
+        return prompt
+
+    def sample(self, ids: Tensor, sampling: Sampling, seed: int, **record) -> Generation:
+        """Fill in the masks of `ids` [1, T] with the chosen sampler; random numbers (temperature,
+        random remasking, alg_temp) come from a generator seeded with `seed`."""
+        generator = torch.Generator(self.base.device).manual_seed(seed)
+        if sampling.sampler == "dream":
+            return diffusion_generate(
+                self.base,
+                ids,
+                0,
+                sampling.steps,
+                alg=sampling.alg,
+                alg_temp=sampling.alg_temp,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                generator=generator,
+                **record,
+            )
+        return generate(
+            self.base,
+            ids,
+            sampling.steps,
+            0,
+            temperature=sampling.temperature,
+            remasking=sampling.remasking,
+            generator=generator,
+            **record,
+        )
+
+    @torch.no_grad()
+    def _decode(
+        self,
+        text: str,
+        ratio: float,
+        seed: int,
+        sampling: Sampling,
+        steer: Steer,
+        chat: str = "",
+        answer: int = 0,
+    ) -> DecodeRun:
+        """Fill in the prompt's masks (or the chat's answer) with `sampling`, once plain and once
+        with `steer`; every step's top features of its layer are recorded. Cached: clicking a cell
+        of the timeline reads the same run again."""
+        prompt = self.decode_prompt(text, ratio, seed, chat, answer)
         if not abs(steer.value) <= STEER_MAX:
             raise InputError(
                 f"The steering value must lie between -{STEER_MAX:,.0f} and {STEER_MAX:,.0f} "
                 f"(SAE activations are far smaller); got {steer.value:g}."
             )
         layer = self.check_layer(steer.layer)
-        for feature in steer.features:
-            self.check_feature(layer, feature)
         saes = {layer: self.saes[layer]}
+        try:
+            steer.check(saes, len(prompt.input_ids), sampling.steps)
+        except ValueError as e:
+            raise InputError(str(e)) from None
         ids = prompt.input_ids[None]
         decoded = prompt.is_masked
         with self.lock:  # every forward on the shared model, hooked or not
-            plain = generate(self.base, ids, int(steps), 0, saes=saes, watch=steer.features)
-            steered = generate(self.base, ids, int(steps), 0, saes=saes, steering=[steer])
+            plain = self.sample(ids, sampling, seed, saes=saes, watch=steer.features)
+            steered = self.sample(ids, sampling, seed, saes=saes, steering=[steer])
             numbers = [
                 (
                     float(run.timeline.layers[layer].watched[:, 0, decoded].mean()),
@@ -460,7 +679,9 @@ class Explorer:
                 for run in (plain, steered)
             ]
         activation, log_likelihood = zip(*numbers, strict=True)
-        return DecodeRun(prompt, plain, steered, steer, decoded, activation, log_likelihood)
+        return DecodeRun(
+            prompt, sampling, plain, steered, steer, decoded, activation, log_likelihood
+        )
 
     def cell_features(self, generation: Generation, step: int, position: int) -> list[FeatureRow]:
         """The top features of one position at one step of a decode."""

@@ -23,8 +23,24 @@ def header(explorer: Explorer) -> str:
         f"# Diffusion-LM SAE explorer\n"
         f"**Suite** `{explorer.title}` · **base model** `{explorer.base.name}` · **policy** "
         f"`{explorer.policy}` · **layers** {explorer.layers} · {sae.d_sae:,} latents, "
-        f"k = {sae.k}. Type `{explorer.mask_text}` where you want masked positions."
+        f"k = {sae.k}. {mask_line(explorer)}"
     )
+
+
+def mask_line(explorer: Explorer) -> str:
+    """Markdown: the mask token to type, or why there is none."""
+    if explorer.mask_text is None:
+        return (
+            f"`{explorer.base.name}` is autoregressive (family `{explorer.base.family}`): it has "
+            "no mask token, so prompts are analysed as clean text and nothing is decoded."
+        )
+    return f"Type `{explorer.mask_text}` where you want masked positions."
+
+
+def lens_label(explorer: Explorer) -> str:
+    """The logit lens table's label: where its tokens are promoted."""
+    where = "at the next position" if explorer.base.shifted else "at the same position"
+    return f"Logit lens: tokens promoted {where}"
 
 
 def status(explorer: Explorer, analysis: Analysis) -> str:
@@ -112,6 +128,11 @@ def feature_summary(explorer: Explorer, analysis: Analysis, layer: int, feature:
     )
     if explorer.head is None:
         lines.append(f"Logit lens: `{explorer.base.name}` has no LM head.")
+    else:
+        lines.append(
+            f"Logit lens (final norm + LM head): the tokens this feature's decoder direction "
+            f"promotes at {explorer.lens_position}."
+        )
     return "\n\n".join(lines)
 
 
@@ -171,6 +192,7 @@ def decode_summary(run: DecodeRun) -> str:
     positions = steer.positions if isinstance(steer.positions, str) else list(steer.positions)
     window = f"{steer.window[0]:.0%}-{steer.window[1]:.0%} of the steps"
     return (
+        f"Decoded with {run.sampling.describe()}.\n\n"
         f"Steered feature(s) {features} of layer {steer.layer}: {steer.mode} {steer.value:g} "
         f"at {positions} positions during {window}.\n\n"
         "| | unsteered | steered |\n|---|---|---|\n"

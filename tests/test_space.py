@@ -18,16 +18,29 @@ import views  # noqa: E402
 from explorer import LLADA_SUITE, Explorer, default_suite  # noqa: E402
 
 from hub_sae.activations import capture  # noqa: E402
-from hub_sae.diffusion import Steer, masked_log_likelihood  # noqa: E402
+from hub_sae.diffusion import (  # noqa: E402
+    Steer,
+    diffusion_generate,
+    generate,
+    masked_log_likelihood,
+)
+from hub_sae.models.chat import chat_inputs  # noqa: E402
 from hub_sae.models.llada import save_llada_model  # noqa: E402
 from hub_sae.sae import TopKSAE  # noqa: E402
 from hub_sae.suite import SuiteInfo, save_suite  # noqa: E402
+from tests.checkpoints import (  # noqa: E402
+    write_tiny_dream,
+    write_tiny_modernbert,
+    write_tiny_qwen2,
+)
 from tests.test_diffusion import LLADA_MASK, save_llada_tokenizer  # noqa: E402
 from tests.test_formats import populate_hub_cache, raw_weights, write_dictionary_learning  # noqa: E402
 from tests.test_llada import tiny_model  # noqa: E402
 
 PROMPT = "The [MASK] statement is used to leave a loop early, and [MASK] skips ahead."
 CLIENTS, REQUESTS = 20, 3
+BAD = (-1.0, float("nan"), float("inf"))
+"""Numbers no temperature may take."""
 
 
 @pytest.fixture(scope="session")
@@ -178,6 +191,32 @@ def test_bad_inputs_are_clear_errors(explorer):
         app.decode(explorer, PROMPT, 3, 0.0, 0, 4, 0, float("inf"), "clamp", 1.0, "masked")
     with pytest.raises(gr.Error, match=r"must lie in 0\.\.18"):
         app.decode(explorer, PROMPT, 3, 0.0, 0, 4, 0, 1.0, "clamp", 1.0, "3, 99")
+    for share in (0.0, 1.5, "x", float("nan")):
+        with pytest.raises(gr.Error, match=r"The steered share must be in \(0, 1\]"):
+            app.decode(explorer, PROMPT, 3, 0.0, 0, 4, 0, 1.0, "clamp", share, "masked")
+    with pytest.raises(gr.Error, match="Steer value must be a finite number; got 'x'"):
+        app.decode(explorer, PROMPT, 3, 0.0, 0, 4, 0, "x", "clamp", 1.0, "masked")
+    steer = (PROMPT, 3, 0.0, 0, 4, 0, 1.0, "clamp", 1.0, "masked")
+    for options, message in [
+        (("gpt",), "Sampler 'gpt': choose one of llada, dream"),
+        (("llada", 0.0, "sometimes"), "Remasking 'sometimes': choose one of low_confidence"),
+        (("dream", 0.0, "random", "fastest"), "alg 'fastest': choose one of origin"),
+        *[(("dream", t), f"temperature must be a finite number >= 0; got {t!r}") for t in BAD],
+        *[(("dream", 0.0, "random", "entropy", t), f"alg_temp must be .*; got {t!r}") for t in BAD],
+        *[
+            (
+                ("dream", 0.0, "random", "entropy", None, p),
+                f"top_p must be in \\(0, 1\\]; got {p!r}",
+            )
+            for p in (0.0, 1.5, float("nan"))
+        ],
+        *[
+            (("dream", 0.0, "random", "entropy", None, None, k), "top_k must be a whole number")
+            for k in (-1, 2.5, "x", 1e9)
+        ],
+    ]:
+        with pytest.raises(gr.Error, match=message):
+            app.decode(explorer, *steer, *options)
 
 
 def test_default_decodes_with_its_unmasking_head(explorer):
@@ -191,7 +230,8 @@ def test_default_decodes_with_its_unmasking_head(explorer):
     frame = plain_frame.data
     assert list(frame["step"]) == [1, 2] and frame.shape[1] == len(plain) + 1
     assert [frame.iloc[0, p + 1] for p in masks].count("…") == 1  # one mask left after step 1
-    run = explorer.decode(PROMPT, 0.0, 0, 2, app.parse_steer(3, 7, 50.0, "clamp", 0.5, "masked"))
+    steer = app.parse_steer(3, 7, 50.0, "clamp", 0.5, "masked")
+    run = explorer.decode(PROMPT, 0.0, 0, explorer.sampling(steps=2), steer)
     assert run.activation[1] > run.activation[0] and "unsteered | steered" in summary
     decoded = run.decoded
     assert run.log_likelihood[0] == masked_log_likelihood(
@@ -232,7 +272,7 @@ def test_large_clamp_steers_to_the_features_logit_lens_token(llada):
     text = llada_prompt(4)
     lens = views.lens_table(llada.logit_lens(2, 5, n=3))
     target = next(t for t in lens["token"] if t != LLADA_MASK)
-    run = llada.decode(text, 0.0, 0, 4, Steer(2, (5,), 1e4))
+    run = llada.decode(text, 0.0, 0, llada.sampling(steps=4), Steer(2, (5,), 1e4))
     generated = [llada.token_text(t) for t in run.steered.tokens[0, run.decoded]]
     assert generated == [target] * 4 and not torch.equal(run.plain.tokens, run.steered.tokens)
     assert run.log_likelihood[1] < run.log_likelihood[0]
@@ -372,3 +412,183 @@ def test_main_serves_on_localhost_7860_by_default(monkeypatch, explorer):
     assert (calls["server_name"], calls["server_port"]) == ("127.0.0.1", 7860)
     app.main(["--host", "0.0.0.0", "--port", "8000"])
     assert (calls["server_name"], calls["server_port"]) == ("0.0.0.0", 8000)
+
+
+# --- every family: a tiny Dream (Dream's sampler, chat), mask text, the autoregressive baseline --
+
+
+def tiny_suite(root: Path, model: Path, policy: str, layers=(1, 2), d_in: int = 32) -> Explorer:
+    """Random TopK SAEs (d_sae 64, k 4) on `layers` of the model at `model`, saved as a suite."""
+    torch.manual_seed(0)
+    saes = {(layer, 4): TopKSAE(d_in, 64, 4, layer=layer) for layer in layers}
+    info = SuiteInfo(str(model), policy, layers=list(layers), ks=[4], d_in=d_in, d_sae=64)
+    save_suite(root / "suite", saes, {}, info)
+    return Explorer.load(str(root / "suite"), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def dream(tmp_path_factory) -> Explorer:
+    root = tmp_path_factory.mktemp("dream")
+    return tiny_suite(root, write_tiny_dream(root / "model"), "mask")
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory) -> Explorer:
+    """A tiny random Qwen2 causal LM (family ar: no mask token) with clean-policy SAEs."""
+    root = tmp_path_factory.mktemp("qwen")
+    return tiny_suite(root, write_tiny_qwen2(root / "model"), "clean")
+
+
+@pytest.fixture(scope="module")
+def modernbert(tmp_path_factory) -> Explorer:
+    """A tiny random ModernBERT masked LM (family mlm)."""
+    root = tmp_path_factory.mktemp("modernbert")
+    return tiny_suite(root, write_tiny_modernbert(root / "model"), "mask")
+
+
+DREAM_PROMPT = "the cat <|mask|> <|mask|> on the mat"
+
+
+def gradio_strings(demo: gr.Blocks) -> str:
+    """Every label and value of the page's components, as one string."""
+    props = [c.get("props", {}) for c in demo.config["components"]]
+    return " ".join(str(p.get(key)) for p in props for key in ("label", "value"))
+
+
+def test_mask_text_comes_from_each_familys_tokenizer(explorer, llada, dream, modernbert, qwen):
+    assert [e.mask_text for e in (explorer, llada, dream, modernbert)] == [
+        "[MASK]",
+        LLADA_MASK,
+        "<|mask|>",
+        "[MASK]",
+    ]
+    page = gradio_strings(app.build_app(dream))
+    assert "type <|mask|> for masked positions" in page and "[MASK]" not in page
+    assert app.example(dream).count("<|mask|>") == 2 and "<|mask|>" in views.header(dream)
+    with pytest.raises(gr.Error, match="Type <\\|mask\\|> in the prompt"):
+        app.analyse(dream, "the cat sat", 1, 0.0, 0)
+    assert qwen.mask_text is None and app.example(qwen) == app.EXAMPLE.format(*app.EXAMPLE_WORDS)
+    assert "no mask token" in views.header(qwen)
+
+
+def test_dream_decodes_through_the_space_with_its_sampler_and_alg_options(dream):
+    options = dict(alg="topk_margin", alg_temp=0.5, temperature=0.7, top_p=0.9, top_k=5)
+    prompt = dream.prepare(DREAM_PROMPT)
+    masks = prompt.is_masked.nonzero().flatten().tolist()
+    expected = diffusion_generate(
+        dream.base, prompt.input_ids[None], 0, 3,
+        generator=torch.Generator().manual_seed(3), **options,
+    ).tokens[0]  # fmt: skip
+    assert dream.sampling().sampler == "dream"  # the family's default
+    demo = app.build_app(dream)
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True)
+    try:
+        client = Client(demo.local_url, verbose=False)
+        steer = (1, 0.0, 3, 3, 7, 1.0, "add", 1.0, "masked")  # layer, ratio, seed, steps, ...
+        plain, _, summary, frame, _ = client.predict(
+            DREAM_PROMPT, *steer, "dream", 0.7, "low_confidence", "topk_margin", 0.5, 0.9, 5,
+            api_name="/decode",
+        )  # fmt: skip
+        default = client.predict(DREAM_PROMPT, *steer, api_name="/decode")[2]
+        llada_plain, _, llada_summary, *_ = client.predict(
+            DREAM_PROMPT, *steer, "llada", 0.0, "low_confidence", api_name="/decode"
+        )
+    finally:
+        demo.close()
+    assert [t["token"] for t in plain if t["class_or_confidence"] == "generated"] == [
+        " " + dream.token_text(int(expected[p])).strip() for p in masks
+    ]
+    assert len(frame["data"]) == 3 and "<|mask|>" not in "".join(t["token"] for t in plain)
+    assert "Dream's diffusion_generate (3 steps, temperature 0.7, alg topk_margin, " in summary
+    assert "alg_temp 0.5, top_p 0.9, top_k 5)" in summary
+    assert (
+        "Dream's diffusion_generate (3 steps, temperature 0, alg entropy, alg_temp 0, top_p 1, top_k all)"
+        in default
+    )
+    greedy = generate(dream.base, prompt.input_ids[None], 3, 0).tokens[0]
+    assert "LLaDA's generate (3 steps, temperature 0, remasking low_confidence)" in llada_summary
+    assert [t["token"] for t in llada_plain if t["class_or_confidence"] == "generated"] == [
+        " " + dream.token_text(int(greedy[p])).strip() for p in masks
+    ]
+
+
+def test_logit_lens_is_the_models_own_final_norm_and_head(dream, qwen, modernbert, llada):
+    """The lens of a decoder direction equals the model's logits with the last block's output
+    replaced by it; shifted families (Dream, ar) promote them at the next position."""
+    assert views.lens_label(llada) == "Logit lens: tokens promoted at the same position"
+    for explorer in (dream, qwen, modernbert):
+        layer = explorer.layers[-1]
+        direction = explorer.saes[layer].W_dec[5]
+        last = explorer.base.blocks[-1]
+
+        def replace(module, args, output, direction=direction):
+            hidden = output[0] if isinstance(output, tuple) else output
+            new = direction.expand_as(hidden)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        handle = last.register_forward_hook(replace)
+        try:
+            with torch.no_grad():
+                logits = explorer.base.run(torch.tensor([[1, 2]]))[0, 0]
+        finally:
+            handle.remove()
+        lens = explorer.logit_lens(layer, 5, n=3)
+        assert [t.token for t in lens] == [explorer.token_text(i) for i in logits.topk(3).indices]
+        assert [t.logit for t in lens] == pytest.approx(logits.topk(3).values.tolist(), abs=1e-4)
+        analysis = explorer.analyse(app.example(explorer), 0.0, 0)
+        summary = views.feature_summary(explorer, analysis, layer, 5)
+        where = "NEXT" if explorer.base.shifted else "same"
+        assert f"promotes at the {where} position" in summary
+        label = f"Logit lens: tokens promoted at the {where.lower()} position"
+        assert views.lens_label(explorer) == label
+
+
+def test_chat_box_appends_masked_answer_tokens_after_the_chat_prompt(dream, llada):
+    assert dream.chat and not llada.chat
+    chat_ids = chat_inputs(dream.base, "hello world")[0][0].tolist()
+    args = ("", 1, 0.0, 0, 2, 0, 1.0, "clamp", 1.0, "masked", "dream", 0.0, "low_confidence")
+    plain, _, summary, frame, _ = app.decode(
+        dream, *args, "entropy", None, None, None, "hello world", 3
+    )
+    assert [token for token, label in plain if label is None] == [
+        dream.token_text(i) for i in chat_ids
+    ]
+    assert [label for _, label in plain] == [None] * len(chat_ids) + ["generated"] * 3
+    assert "<|mask|>" not in "".join(token for token, _ in plain)
+    assert "<|im_start|>" in plain[0][0] and frame.data.shape == (2, len(chat_ids) + 3 + 1)
+    steer = app.parse_steer(1, 0, 1.0, "clamp", 1.0, "masked")
+    run = dream.decode("", 0.0, 0, dream.sampling("dream", 2), steer, "hello world", 3)
+    mask = dream.base.mask_token_id
+    assert run.prompt.input_ids.tolist() == chat_ids + [mask] * 3  # what the model reads
+    expected = diffusion_generate(dream.base, torch.tensor([chat_ids]), 3, 2, alg="entropy")
+    assert torch.equal(run.plain.tokens, expected.tokens)
+    for answer in (0, "x", 2.5, 64 - len(chat_ids) + 1, 10_000):  # 64: the model's context
+        with pytest.raises(gr.Error, match="Answer tokens must be a whole number between 1 and"):
+            app.decode(dream, *args, "entropy", None, None, None, "hello world", answer)
+    with pytest.raises(gr.Error, match="has no chat template"):
+        app.decode(llada, *args, "entropy", None, None, None, "hello", 3)
+
+
+def test_autoregressive_model_explores_clean_text_and_refuses_to_decode(qwen):
+    text = "Return the value of the named attribute."
+    info, position, table, feature, heat, summary, contexts, lens = app.analyse(
+        qwen, text, 1, 0.0, 0
+    )
+    assert qwen.base.family == "ar" and qwen.policy == "clean" and len(heat) > 5
+    assert [score is not None for _, score in heat] == [False] + [True] * (len(heat) - 1)
+    assert f"{len(heat) - 1} analysed" in info and len(lens) == 10
+    with pytest.raises(gr.Error, match="no mask token, so its SAEs read clean text only. Set the"):
+        app.analyse(qwen, text, 1, 0.5, 0)
+    with pytest.raises(gr.Error, match=r"autoregressive model \(family ar\): it has no mask token"):
+        app.decode(qwen, text, 1, 0.0, 0, 2, 0, 1.0, "clamp", 1.0, "masked")
+    demo = app.build_app(qwen)
+    page = gradio_strings(demo)
+    assert "no mask token to denoise" in page and "clean text only" in page
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True)
+    try:
+        client = Client(demo.local_url, verbose=False)
+        endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+        remote = client.predict(text, 1, 0.0, 0, api_name="/analyze")[0]
+    finally:
+        demo.close()
+    assert "/decode" not in endpoints and "/analyze" in endpoints and remote == info

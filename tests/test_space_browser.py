@@ -1,5 +1,5 @@
-"""The Space in headless Chromium: type a prompt, analyse it, find the heat map, decode it and
-click a cell of the decode timeline.
+"""The Space in headless Chromium: type a prompt, analyse it, find the heat map, decode it, click
+a cell of the decode timeline, and decode again with the other sampler.
 
 Needs Debian's `chromium` (/usr/bin/chromium) and the `playwright` Python package. Set
 SPACE_SCREENSHOT=1 to also save the pages to space/screenshot.png and space/timeline.png.
@@ -80,4 +80,12 @@ def test_page_analyses_a_typed_prompt(url):
         expect(cell.first).to_be_visible()
         if os.environ.get("SPACE_SCREENSHOT"):
             page.screenshot(path=str(ROOT / "space" / "timeline.png"), full_page=True)
+        expect(page.get_by_text("Decoded with LLaDA's generate")).to_be_visible()
+        expect(page.get_by_label("alg", exact=True)).to_be_hidden()
+        page.get_by_label("Dream's diffusion_generate").check()  # the other sampler's options
+        expect(page.get_by_label("alg", exact=True)).to_be_visible()
+        page.get_by_role("button", name="Decode", exact=True).click()
+        expect(page.get_by_text("Decoded with Dream's diffusion_generate")).to_be_visible(
+            timeout=60_000
+        )
         browser.close()
