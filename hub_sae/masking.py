@@ -83,6 +83,25 @@ def check_policy(policy: str, family: str | None = None) -> str:
     return policy
 
 
+def check_selects(policy: str, corruption: Corruption) -> None:
+    """Refuse a policy and corruption under which no position can ever be selected."""
+    never_masked = corruption.schedule == "dlm_scope" and corruption.t_max == 0
+    always_masked = (
+        corruption.t_min == 1 if corruption.schedule == "dlm_scope" else corruption.eps == 1
+    )
+    if check_policy(policy) == "mask" and never_masked:
+        raise ValueError(
+            "policy 'mask' with t_max 0 masks no position, so it selects none (the buffer would "
+            "never fill); raise --t_max (e.g. --t_max 0.5) or use --policy clean."
+        )
+    if policy == "unmask" and always_masked:
+        raise ValueError(
+            f"policy 'unmask' with {corruption.schedule} masking every position (t_min 1 or eps 1) "
+            "leaves no visible position to select; lower --t_min (e.g. --t_min 0.05) or use "
+            "--policy all."
+        )
+
+
 def _real(shape: torch.Size, attention_mask: Tensor | None, device: torch.device) -> Tensor:
     """[B, T] bool: real tokens (not pads) other than position 0."""
     if attention_mask is None:

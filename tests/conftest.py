@@ -42,6 +42,15 @@ def trained_suite(tmp_path_factory) -> Path:
     return train(TrainConfig(output_dir=str(out), **TINY_RUN))
 
 
+PEAK_RSS = """
+import re
+kb = lambda field: int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read())[1])
+open("/proc/self/clear_refs", "w").write("5")  # the peak RSS (VmHWM) restarts from here
+before = kb("VmRSS")
+"""
+"""Script lines that start a peak-RSS measurement: `kb("VmHWM") - before` is what it added (kB)."""
+
+
 def cli_args(out: Path, **overrides) -> list[str]:
     """TINY_RUN (+ overrides) as `--field value ...` arguments of training/train.py."""
     args = []

@@ -320,7 +320,7 @@ def test_no_code_path_can_ask_to_trust_remote_code():
 
 def test_plan_knows_dream_7b_without_a_download(tiny):
     """Qwen2.5-7B's published parameter count (7.62B), which Dream-v0-Base-7B shares."""
-    assert model_shape("Dream-org/Dream-v0-Base-7B") == (7_615_616_512, 3584, 28)
+    assert model_shape("Dream-org/Dream-v0-Base-7B") == (7_615_616_512, 3584, 28, 18944)
     assert model_shape(str(tiny)).params == sum(
         p.numel() for p in load_dream_model(tiny).parameters()
     )

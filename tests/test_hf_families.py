@@ -226,5 +226,5 @@ def test_samplers_refuse_a_model_without_a_mask_token(qwen):
 def test_plan_knows_qwen2_5_7b_without_its_config():
     """transformers' Qwen2ForCausalLM on `meta` counts the published 7.62B parameters, as many as
     the native Dream of the same shape."""
-    assert model_shape("Qwen/Qwen2.5-7B") == (7_615_616_512, 3584, 28)
+    assert model_shape("Qwen/Qwen2.5-7B") == (7_615_616_512, 3584, 28, 18944)
     assert model_shape("Qwen/Qwen2.5-7B") == model_shape("Dream-org/Dream-v0-Base-7B")

@@ -205,7 +205,7 @@ def test_instruct_and_llada_1_5_config_json_loads(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(INSTRUCT_CONFIG))
     assert is_llada(str(tmp_path))
     # LLaDA-8B's 8.02B parameters, counted on `meta` from this config.json
-    assert model_shape(str(tmp_path)) == (8_015_581_184, 4096, 32)
+    assert model_shape(str(tmp_path)) == (8_015_581_184, 4096, 32, 12288)
 
 
 def test_config_from_real_config_json_ignores_unknown_keys():

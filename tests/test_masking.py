@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hub_sae.masking import Corruption, corrupt, select_positions
+from hub_sae.masking import Corruption, check_selects, corrupt, select_positions
 
 MASK = 99
 
@@ -105,3 +105,25 @@ def test_unknown_policy_lists_policies() -> None:
         ValueError, match="unknown mask policy 'masked'; choose one of mask, unmask, all, clean"
     ):
         select_positions(torch.zeros(2, 3, dtype=torch.bool), None, "masked")
+
+
+@pytest.mark.parametrize(
+    ("policy", "corruption", "message"),
+    [
+        ("mask", Corruption(t_min=0, t_max=0), "policy 'mask' with t_max 0 .* --t_max 0.5"),
+        ("unmask", Corruption(t_min=1, t_max=1), "policy 'unmask' .* lower --t_min"),
+        ("unmask", Corruption("llada", eps=1), "policy 'unmask' with llada .* --policy all"),
+    ],
+)
+def test_settings_that_select_nothing_are_refused(
+    policy: str, corruption: Corruption, message: str
+) -> None:
+    """Each refused setting indeed selects nothing; the same policy one step away does select."""
+    ids, attention_mask = batch()
+    out = corrupt(ids, attention_mask, MASK, policy, corruption, torch.Generator().manual_seed(0))
+    assert not out.selected.any()
+    with pytest.raises(ValueError, match=message):
+        check_selects(policy, corruption)
+    for fine in (Corruption(t_min=0, t_max=0.01), Corruption(t_min=0.99, t_max=1)):
+        check_selects(policy, fine)
+    check_selects("all", corruption)

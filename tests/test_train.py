@@ -1,9 +1,11 @@
 """The real trainer on the embedded default, in one process: suite contents, config and CLI checks,
 the stream's resumable state, the schedule, the plan, divergence, the run lock and the launcher."""
 
+import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -17,11 +19,12 @@ from hub_sae.features import load_features
 from hub_sae.models import load_base_model
 from hub_sae.suite import validate_suite
 from hub_sae.training import TrainConfig, parse_args, train
-from hub_sae.training.loop import lr_schedule
-from hub_sae.training.plan import check_fits, model_shape, plan, plan_mode
+from hub_sae.training.checkpoint import checkpoint_root
+from hub_sae.training.loop import checkpoint, lr_schedule, setup, start, train_step
+from hub_sae.training.plan import base_forward, check_fits, model_shape, plan, plan_mode
 from hub_sae.training.saes import SAESet, geometric_median, owners
-from hub_sae.training.stream import ActivationStream
-from tests.conftest import ROOT, TINY_RUN, finish, launch, wait_gone, workers
+from hub_sae.training.stream import EMPTY_BATCHES, ActivationStream
+from tests.conftest import PEAK_RSS, ROOT, TINY_RUN, finish, launch, wait_gone, workers
 
 
 def test_suite_is_complete_and_loads(trained_suite: Path) -> None:
@@ -96,6 +99,15 @@ def test_stream_state_resumes_the_exact_batches(minilm, reuse: int) -> None:
         torch.testing.assert_close(next(again), batch, rtol=0, atol=0)
 
 
+def test_stream_stops_when_no_position_is_selected(minilm) -> None:
+    """t_max 1e-30 passes the config check but masks nothing: the stream names it, never hangs."""
+    run = {**TINY_RUN, "ctx_len": 8, "llm_batch_size": 1, "t_min": 0.0, "t_max": 1e-30}
+    stream = ActivationStream(minilm, TrainConfig(**run), rank=0, world=1)
+    with pytest.raises(RuntimeError, match="100 LLM batches in a row .* gave no activation"):
+        next(iter(stream))
+    assert stream.batches_read == EMPTY_BATCHES
+
+
 def test_reuse_activations_replays_kept_ones(minilm) -> None:
     """reuse 2 harvests half the activations and replays them, each row seen about twice."""
     read, rows = {}, {}
@@ -119,7 +131,7 @@ def test_geometric_median_resists_outliers() -> None:
 def test_lr_schedule_is_dictionary_learnings() -> None:
     """transformers' WSD schedule gives DLM-Scope's (dictionary_learning's) factor at every step:
     step / warmup, then 1, then (total - step) / (total - decay_start)."""
-    cfg = TrainConfig(warmup_steps=10, decay_fraction=0.2)
+    cfg = TrainConfig(warmup_steps=10, decay_fraction=0.2, lr=1.0)
     total, decay_start = 100, 80
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     scheduler = lr_schedule(optimizer, cfg, total)
@@ -134,6 +146,9 @@ def test_lr_schedule_is_dictionary_learnings() -> None:
         assert lr == pytest.approx(expected), step
         optimizer.step()
         scheduler.step()
+        if step in (3, 50, 90):  # a resumed run's schedule, placed at the step, is the same
+            placed = lr_schedule(torch.optim.SGD([torch.zeros(1)], lr=1.0), cfg, total, step + 1)
+            assert placed.get_last_lr() == scheduler.get_last_lr()
 
 
 def test_cli_overrides_the_config_file() -> None:
@@ -154,6 +169,8 @@ def test_cli_overrides_the_config_file() -> None:
         (["--total_tokens", "100"], "--total_tokens 100 is less than one SAE batch"),
         (["--name", "."], "--name '.': a run name is letters"),
         (["--name", "../../x"], "--name '../../x': a run name is letters"),
+        (["--name", "checkpoints"], "--name 'checkpoints' is reserved.*--name checkpoints-run"),
+        (["--name", "Logs"], "--name 'Logs' is reserved: .*OUTPUT_DIR/logs/"),
         (["--distribute", "shards"], "--distribute must be modules or replicate"),
         (["--sae_autocast", "fp16"], "--sae_autocast must be no or bfloat16; got 'fp16'"),
         (["--layers", "[1,3]"], "--layers: invalid int value"),
@@ -165,6 +182,10 @@ def test_cli_overrides_the_config_file() -> None:
         (["--beta2", "1"], r"--beta2 must lie in \[0, 1\)"),
         (["--auxk_alpha", "-1"], "--auxk_alpha must be 0 or a positive finite number"),
         (["--k_aux", "0"], r"--k_aux must be at least 1 \(or unset\)"),
+        (["--eval_tokens", "0"], "--eval_tokens must be at least 1; got 0"),
+        (["--dead_tokens", "0"], "--dead_tokens 0 is less than one SAE batch .* raise it"),
+        (["--t_min", "0", "--t_max", "0"], "policy 'mask' with t_max 0 masks no position"),
+        (["--policy", "unmask", "--t_min", "1", "--t_max", "1"], "lower --t_min"),
     ],
 )
 def test_bad_command_line_values_name_the_option(capsys, argv: list[str], message: str) -> None:
@@ -198,6 +219,107 @@ def test_config_errors_stop_before_any_output(tmp_path: Path, override: dict, me
     with pytest.raises((ValueError, FileNotFoundError, MemoryError), match=message):
         train(TrainConfig(output_dir=str(out), **{**TINY_RUN, **override}))
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_heldout_split_short_of_one_batch_stops_before_training(tmp_path: Path) -> None:
+    """Every 10th paragraph is held out: two short ones make a held-out split of a few tokens."""
+    words = " ".join(f"word{i}" for i in range(300))
+    docs = ["a short paragraph." if i % 10 == 9 else words for i in range(20)]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(docs))
+    out = tmp_path / "runs"
+    cfg = TrainConfig(output_dir=str(out), corpus=str(corpus), **TINY_RUN)
+    message = (
+        "'heldout' split of .* fewer than one LLM batch \\(8 x 64 tokens\\); give --eval_corpus"
+    )
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=message):
+        train(cfg)
+    assert time.perf_counter() - started < 60 and not out.exists()  # before any step
+
+
+@pytest.fixture(scope="module")
+def checkpointed(minilm, tmp_path_factory) -> TrainConfig:
+    """TINY_RUN stopped after a checkpoint at step 2 (the trainer's own setup, steps and save)."""
+    cfg = TrainConfig(output_dir=str(tmp_path_factory.mktemp("runs")), **TINY_RUN)
+    run = setup(cfg, minilm, start(cfg), resume=False)
+    for _ in range(2):
+        train_step(run)
+    checkpoint(run)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"ks": [16]}, "with --ks 8; this launch has --ks 16. .*Resume with --ks 8; or "),
+        ({"layers": [1]}, "with --layers 1 3; this launch has --layers 1. "),
+        ({"d_sae": 1024}, "with no --d_sae; this launch has --d_sae 1024. "),
+        (
+            {"expansion_factor": 4},
+            "with --expansion_factor 2; this launch has --expansion_factor 4",
+        ),
+        (
+            {"total_tokens": 12288, "sae_batch_size": 512},
+            "with --total_tokens 6144, --sae_batch_size 256; this launch has --total_tokens 12288, "
+            "--sae_batch_size 512. .* --name tiny-mask-2 without --resume",
+        ),
+    ],
+)
+def test_resume_refuses_a_change_it_cannot_apply(
+    checkpointed: TrainConfig, minilm, change: dict, message: str
+) -> None:
+    cfg = dataclasses.replace(checkpointed, **change)
+    with pytest.raises(ValueError, match=f"--resume: .*step_00000002 was written {message}"):
+        setup(cfg, minilm, start(cfg), resume=True)
+
+
+def test_resume_applies_a_new_lr_betas_and_warmup(checkpointed: TrainConfig, minilm) -> None:
+    """At step 2 of a 2-step warmup the factor is 1: the lr is the new one, not 2e-3 x 2/4."""
+    cfg = dataclasses.replace(checkpointed, lr=5e-4, beta1=0.8, warmup_steps=2)
+    run = setup(cfg, minilm, start(cfg), resume=True)
+    group = run.optimizer.param_groups[0]
+    assert run.state.step == 2 and run.optimizer.state  # the Adam moments are the checkpoint's
+    assert group["lr"] == run.scheduler.get_last_lr()[0] == pytest.approx(5e-4)
+    assert group["betas"] == (0.8, 0.999)
+    train_step(run)
+    assert run.state.step == 3
+
+
+def copy_run(cfg: TrainConfig, to: Path) -> TrainConfig:
+    shutil.copytree(cfg.output_dir, to)
+    return dataclasses.replace(cfg, output_dir=str(to))
+
+
+def test_stray_entries_are_not_checkpoints(checkpointed: TrainConfig, minilm, tmp_path) -> None:
+    """A stray step_notes.txt was taken as the newest checkpoint (and the real one deleted)."""
+    cfg = copy_run(checkpointed, tmp_path / "runs")
+    root = checkpoint_root(cfg)
+    (root / "step_notes.txt").write_text("notes")
+    (root / "step_old").mkdir()
+    run = setup(cfg, minilm, start(cfg), resume=True)
+    assert run.state.step == 2
+    train_step(run)
+    checkpoint(run)  # replaces step 2, leaves what is not a checkpoint alone
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000003", "step_notes.txt", "step_old"]
+
+
+def test_truncated_checkpoint_file_is_named(checkpointed: TrainConfig, minilm, tmp_path) -> None:
+    cfg = copy_run(checkpointed, tmp_path / "runs")
+    file = checkpoint_root(cfg) / "step_00000002" / "rank_0.pt"
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"checkpoint file {file} cannot be read .* truncated"):
+        setup(cfg, minilm, start(cfg), resume=True)
+
+
+def test_binary_config_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_bytes(bytes(range(256)))
+    with pytest.raises(ValueError, match=f"--config {path} is not a YAML text file"):
+        parse_args(["--config", str(path)])
+    path.write_text("layers: [1, 3\n")
+    with pytest.raises(ValueError, match=f"--config {path} is not a YAML text file"):
+        parse_args(["--config", str(path)])
 
 
 def test_diverging_run_stops_before_writing_a_suite(tmp_path: Path) -> None:
@@ -243,6 +365,38 @@ def test_plan_counts_the_real_tensors(minilm) -> None:
     modules = plan_mode(cfg, model_shape("minilm"), 2, "modules")
     assert modules.saes_per_process == 2 and modules.sae_weights == planned["sae_weights"] // 2
     assert modules.comm_bytes_per_step == cfg.sae_batch_size * len(cfg.layers) * 384 * 4
+
+
+HARVEST_PEAK = (
+    """
+import sys
+from hub_sae.models import load_base_model
+from hub_sae.training import TrainConfig
+from hub_sae.training.stream import ActivationStream
+small, cfg = (TrainConfig(**eval(arg)) for arg in sys.argv[1:])
+base = load_base_model("minilm")
+warm = ActivationStream(base, small, rank=0, world=1)  # reads the corpus, a forward of 16 tokens
+warm.harvest_batch(warm._llm_batches())
+"""
+    + PEAK_RSS
+    + """
+stream = ActivationStream(base, cfg, rank=0, world=1)
+stream.harvest_batch(stream._llm_batches())
+print(kb("VmHWM") - before)
+"""
+)
+
+
+def test_plan_bounds_the_measured_peak_of_a_harvest() -> None:
+    """The forward of 32 x 256 tokens (2 hooked blocks, every position kept) against the peak RSS
+    it adds (the plan had no such term: 0 bytes)."""
+    run = {**TINY_RUN, "llm_batch_size": 32, "ctx_len": 256, "policy": "all"}
+    small = {**run, "llm_batch_size": 1, "ctx_len": 16}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+    cmd = [sys.executable, "-c", HARVEST_PEAK, repr(small), repr(run)]
+    measured = int(subprocess.check_output(cmd, env=env, text=True).split()[-1]) * 1024
+    planned = base_forward(TrainConfig(**run), model_shape("minilm"))
+    assert measured <= planned <= 2.5 * measured, (planned, measured)
 
 
 def test_plan_command_prints_json_and_the_llada_recipe_fits_80gb_in_modules() -> None:

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from hub_sae.suite import validate_suite
-from hub_sae.training import TrainConfig, train
+from hub_sae.training import TrainConfig, parse_args, train
 from hub_sae.training.plan import plan
-from tests.conftest import TINY_RUN, finish, launch, wait_gone, workers
+from tests.conftest import TINY_RUN, cli_args, finish, launch, wait_gone, workers
 
 RUN = dict(total_tokens=8192, checkpoint_every=2, eval_tokens=512, feature_tokens=512)
 """16 steps of 2 x 256 activations, a checkpoint every 2."""
@@ -86,7 +86,7 @@ def test_sigkill_during_modules_run_then_resume_equals_uninterrupted(
         assert state["state"]["step"] == int(step.name.removeprefix("step_"))
         assert (state["processes"], state["distribute"]) == (2, "modules")
 
-    cfg = TrainConfig(output_dir=str(out), **{**TINY_RUN, **RUN})  # one process: refused
+    cfg, _ = parse_args(cli_args(out, **RUN))  # the launch's config, on one process: refused
     with pytest.raises(ValueError, match="written by 2 process.*--num_processes 2"):
         train(cfg, resume=True)
 

@@ -1,15 +1,20 @@
 """Checkpoints (whole or absent, one file per process) and the lock that keeps one run per name.
 
 OUTPUT_DIR/checkpoints/NAME/step_XXXXXXXX/
-  trainer.pt    step, tokens, input scale, scheduler, the process count and distribute mode
+  trainer.pt    step, tokens, input scale, the run's config, the process count and distribute mode
   rank_R.pt     process R's stream (position, generators, shuffle buffer); with modules also the
                 SAEs it owns, their Adam state and dead counters (replicate: rank_0.pt holds them)
 Every process writes into a hidden temp folder; after a barrier process 0 renames it into place.
+
+A resumed run may change any field but those of RESUME_FIXED (refused by name, with the command to
+use); the rest apply from the resumed step on (the lr schedule is a function of the step).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import shutil
 import threading
 import time
@@ -22,7 +27,15 @@ import torch
 from accelerate import Accelerator
 
 from hub_sae.io import folder_lock, writing
-from hub_sae.training.config import TrainConfig
+from hub_sae.training.config import CHECKPOINTS, TrainConfig
+
+RESUME_FIXED = (
+    "model", "dtype", "layers", "ks", "expansion_factor", "d_sae", "policy", "schedule", "t_min",
+    "t_max", "corpus", "text_field", "ctx_len", "llm_batch_size", "total_tokens", "sae_batch_size",
+    "reuse_activations", "seed",
+)  # fmt: skip
+"""What shapes the SAEs, the step count or the activation stream a checkpoint continues."""
+STEP = re.compile(r"step_\d{8}")
 
 
 @dataclass
@@ -34,11 +47,16 @@ class TrainState:
 
 
 def checkpoint_root(cfg: TrainConfig) -> Path:
-    return Path(cfg.output_dir) / "checkpoints" / cfg.name
+    return Path(cfg.output_dir) / CHECKPOINTS / cfg.name
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """The step_XXXXXXXX folders under `root`, oldest first (a stray step_notes.txt is no step)."""
+    return sorted(p for p in root.glob("step_*") if STEP.fullmatch(p.name) and p.is_dir())
 
 
 def latest_checkpoint(cfg: TrainConfig) -> Path | None:
-    steps = sorted(checkpoint_root(cfg).glob("step_*"))
+    steps = checkpoints(checkpoint_root(cfg))
     return steps[-1] if steps else None
 
 
@@ -60,14 +78,17 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         os.replace(tmp, root / f"step_{step:08d}")
-        for old in sorted(root.glob("step_*"))[:-1]:
+        for old in checkpoints(root)[:-1]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(path: Path, accelerator: Accelerator, mode: str) -> tuple[dict, dict, dict]:
+def load_checkpoint(
+    path: Path, accelerator: Accelerator, cfg: TrainConfig, mode: str
+) -> tuple[dict, dict, dict]:
     """(trainer, this process's file, the file holding its SAEs); a different layout is an error."""
-    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    trainer = _load(path / "trainer.pt")
+    check_resume(path, trainer.get("config", {}), cfg)
     saved = (trainer["processes"], trainer["distribute"])
     if saved != (accelerator.num_processes, mode):
         raise ValueError(
@@ -76,9 +97,41 @@ def load_checkpoint(path: Path, accelerator: Accelerator, mode: str) -> tuple[di
             f"--num_processes {saved[0]}` and --distribute {saved[1]}, or start over without "
             f"--resume (delete {path.parent} first)."
         )
-    own = torch.load(path / f"rank_{accelerator.process_index}.pt", weights_only=True)
-    sae_file = own if mode == "modules" else torch.load(path / "rank_0.pt", weights_only=True)
+    own = _load(path / f"rank_{accelerator.process_index}.pt")
+    sae_file = own if mode == "modules" else _load(path / "rank_0.pt")
     return trainer, own, sae_file
+
+
+def _load(file: Path) -> dict:
+    """One checkpoint file; a missing, truncated or damaged one is named with the fix."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise ValueError(
+            f"--resume: checkpoint file {file} cannot be read ({error}); it is missing, truncated "
+            f"or damaged. Delete {file.parent} (a resume then starts from an earlier step_* "
+            "folder, if one is left) or start over without --resume."
+        ) from None
+
+
+def _option(name: str, value) -> str:
+    if value is None:
+        return f"no --{name}"
+    return f"--{name} " + " ".join(map(str, value if isinstance(value, list) else [value]))
+
+
+def check_resume(path: Path, saved: dict, cfg: TrainConfig) -> None:
+    """Refuse a resume that changes a field of RESUME_FIXED, naming each with both values."""
+    changed = [f for f in RESUME_FIXED if f in saved and saved[f] != getattr(cfg, f)]
+    if not changed:
+        return
+    was = ", ".join(_option(f, saved[f]) for f in changed)
+    now = ", ".join(_option(f, getattr(cfg, f)) for f in changed)
+    raise ValueError(
+        f"--resume: {path} was written with {was}; this launch has {now}. A resumed run keeps "
+        f"these (they shape the SAEs, the step count or the data stream). Resume with {was}; or "
+        f"train the new settings as a new run: --name {cfg.name}-2 without --resume."
+    )
 
 
 @contextmanager
@@ -111,5 +164,5 @@ def exit_with_launcher() -> None:
     threading.Thread(target=watch, daemon=True, name="exit-with-launcher").start()
 
 
-def trainer_state(state: TrainState, scheduler) -> dict:
-    return {"state": asdict(state), "scheduler": scheduler.state_dict()}
+def trainer_state(state: TrainState, cfg: TrainConfig) -> dict:
+    return {"state": asdict(state), "config": asdict(cfg)}

@@ -17,8 +17,8 @@ import yaml
 from transformers import HfArgumentParser
 
 from hub_sae.activations import check_layers
-from hub_sae.data import DataConfig, iter_texts
-from hub_sae.masking import Corruption, check_policy
+from hub_sae.data import DataConfig, token_batches
+from hub_sae.masking import Corruption, check_policy, check_selects
 from hub_sae.models import BaseModel
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "training" / "configs" / "minilm-mask.yaml"
@@ -26,13 +26,19 @@ RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 DISTRIBUTE = ("modules", "replicate")
 DTYPES = ("float32", "bfloat16", "float16")
 SAE_AUTOCAST = ("no", "bfloat16")
+CHECKPOINTS, LOGS = "checkpoints", "logs"
+RESERVED_NAMES = (CHECKPOINTS, LOGS)
+"""Folders the trainer itself keeps in OUTPUT_DIR (its temp folders and locks start with '.')."""
 
 
 @dataclass
 class TrainConfig:
     name: str = field(
         default="minilm-mask",
-        metadata={"help": "run name (letters, digits, . _ -): the suite goes to OUTPUT_DIR/NAME/"},
+        metadata={
+            "help": "run name (letters, digits, . _ -; not checkpoints or logs): the suite goes "
+            "to OUTPUT_DIR/NAME/"
+        },
     )
     model: str = field(
         default="minilm",
@@ -154,14 +160,32 @@ class TrainConfig:
                 f"--name {self.name!r}: a run name is letters, digits, '.', '_' and '-', starting "
                 "with a letter or digit (no '/'); e.g. --name minilm-mask"
             )
+        if self.name.lower() in RESERVED_NAMES:
+            raise ValueError(
+                f"--name {self.name!r} is reserved: the trainer keeps OUTPUT_DIR/{self.name.lower()}/ "
+                f"for every run ({', '.join(RESERVED_NAMES)} are taken); pick another, e.g. "
+                f"--name {self.name}-run"
+            )
         positive = ("total_tokens", "sae_batch_size", "buffer_tokens", "ctx_len", "llm_batch_size")
-        for name in (*positive, "reuse_activations", "log_every", "expansion_factor"):
+        for name in (
+            *positive,
+            "eval_tokens",
+            "reuse_activations",
+            "log_every",
+            "expansion_factor",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1; got {getattr(self, name)}.")
         if self.total_tokens < self.sae_batch_size:
             raise ValueError(
                 f"--total_tokens {self.total_tokens} is less than one SAE batch "
                 f"(--sae_batch_size {self.sae_batch_size}); raise total_tokens."
+            )
+        if self.dead_tokens < self.sae_batch_size:
+            raise ValueError(
+                f"--dead_tokens {self.dead_tokens} is less than one SAE batch (--sae_batch_size "
+                f"{self.sae_batch_size}): every latent missing a single step would count as dead; "
+                "raise it (e.g. --dead_tokens 50000)."
             )
         if self.buffer_tokens < 2 * self.sae_batch_size:
             raise ValueError(
@@ -183,8 +207,6 @@ class TrainConfig:
         counts = (
             "warmup_steps",
             "checkpoint_every",
-            "dead_tokens",
-            "eval_tokens",
             "feature_tokens",
         )
         for name in counts:
@@ -209,6 +231,7 @@ class TrainConfig:
                 )
         if not 0 <= self.decay_fraction <= 1:
             raise ValueError(f"--decay_fraction must lie in [0, 1]; got {self.decay_fraction}.")
+        check_selects(self.policy, self.corruption)  # also checks the policy and the schedule
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> TrainConfig:
@@ -218,8 +241,7 @@ class TrainConfig:
 
     def check(self, base: BaseModel) -> None:
         """What needs the base model; stops with a clear message before anything is written."""
-        check_policy(self.policy, base.family)
-        Corruption(self.schedule, self.t_min, self.t_max)
+        check_policy(self.policy, base.family)  # the family's policies (post_init: the rest)
         check_layers(base, self.layers)
         d_sae = self.latents(base.d_model)
         if any(not 0 < k < d_sae for k in self.ks):
@@ -228,8 +250,16 @@ class TrainConfig:
             raise ValueError(
                 f"ctx_len {self.ctx_len} exceeds {self.model}'s maximum of {base.max_length} tokens."
             )
-        for split in ("train", "heldout"):  # a missing local corpus or empty split fails here
-            iter_texts(self.data(split))
+        for split in ("train", "heldout"):  # a missing corpus or a split short of one batch
+            data = self.data(split)
+            batches = token_batches(data, base.tokenizer, base.bos_token_id, base.eos_token_id)
+            if next(batches, None) is None:
+                option = "--corpus" if split == "train" else "--eval_corpus"
+                raise ValueError(
+                    f"the {data.split!r} split of {data.corpus!r} holds fewer than one LLM batch "
+                    f"({self.llm_batch_size} x {self.ctx_len} tokens); give {option} more text, "
+                    "or lower --llm_batch_size or --ctx_len."
+                )
 
     def latents(self, d_model: int) -> int:
         return self.d_sae or self.expansion_factor * d_model
@@ -261,7 +291,12 @@ class LaunchOptions:
 
     config: str = field(default=str(DEFAULT_CONFIG), metadata={"help": "YAML file of the fields"})
     resume: bool = field(
-        default=False, metadata={"help": "continue from the newest checkpoint of this run"}
+        default=False,
+        metadata={
+            "help": "continue from the newest checkpoint of this run; optimizer, schedule, loss, "
+            "logging and evaluation settings may change, a change of what shapes the SAEs, the "
+            "step count or the data is refused"
+        },
     )
     plan: bool = field(
         default=False,
@@ -278,7 +313,13 @@ def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--config {path}: no such file; see training/configs/.")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (UnicodeDecodeError, yaml.YAMLError) as error:
+        raise ValueError(
+            f"--config {path} is not a YAML text file ({str(error).splitlines()[0]}); give a "
+            "YAML mapping of TrainConfig fields, e.g. --config training/configs/minilm-mask.yaml."
+        ) from None
     if not isinstance(data, dict):
         raise ValueError(
             f"{path}: expected a mapping of TrainConfig fields, got {type(data).__name__}"

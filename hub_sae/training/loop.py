@@ -37,7 +37,7 @@ from hub_sae.training.checkpoint import (
     save_checkpoint,
     trainer_state,
 )
-from hub_sae.training.config import TrainConfig
+from hub_sae.training.config import LOGS, TrainConfig
 from hub_sae.training.plan import check_fits
 from hub_sae.training.saes import (
     Key,
@@ -98,7 +98,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path | None:
 
 def start(cfg: TrainConfig) -> Accelerator:
     """The accelerator, after the checks that need no model: precision and the memory plan."""
-    accelerator = Accelerator(log_with=cfg.log_with or None, project_dir=cfg.output_dir)
+    # trackers write under OUTPUT_DIR/logs/NAME/, never into the suite folder the run replaces
+    logs = Path(cfg.output_dir) / LOGS
+    accelerator = Accelerator(log_with=cfg.log_with or None, project_dir=logs)
     if accelerator.mixed_precision != "no":
         raise ValueError(
             f"--mixed_precision {accelerator.mixed_precision}: the SAEs train in float32 and the "
@@ -119,9 +121,13 @@ def load(cfg: TrainConfig, accelerator: Accelerator) -> BaseModel:
     return base
 
 
-def lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+def lr_schedule(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int, step: int = 0
+):
     """Linear warmup from 0, constant, linear decay to 0 over the last `decay_fraction` of steps
-    (dictionary_learning's schedule, which DLM-Scope trained with)."""
+    (dictionary_learning's schedule, which DLM-Scope trained with), positioned at `step`."""
+    for group in optimizer.param_groups:  # the lr the schedule scales, also on a resume
+        group["initial_lr"] = cfg.lr
     decay_start = int(total_steps * (1 - cfg.decay_fraction))
     warmup = min(cfg.warmup_steps, decay_start)
     return get_wsd_schedule(
@@ -130,6 +136,7 @@ def lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps:
         num_stable_steps=decay_start - warmup,
         num_decay_steps=total_steps - decay_start,
         decay_type="linear",
+        last_epoch=step - 1,
     )
 
 
@@ -186,14 +193,24 @@ def begin(run: Run) -> None:
 
 
 def restore(run: Run, checkpoint: Path) -> None:
-    trainer, own, sae_file = load_checkpoint(checkpoint, run.accelerator, run.mode)
+    """The checkpoint's SAEs, Adam moments, counters and stream; this launch's lr, betas and lr
+    schedule (`check_resume` has refused changes that cannot apply)."""
+    cfg = run.cfg
+    trainer, own, sae_file = load_checkpoint(checkpoint, run.accelerator, cfg, run.mode)
     run.saes.load_state_dict(sae_file["saes"])
     run.optimizer.load_state_dict(sae_file["optimizer"])
+    for group in run.optimizer.param_groups:
+        group["betas"] = (cfg.beta1, cfg.beta2)
     run.since_fired.copy_(sae_file["since_fired"])
-    run.scheduler.load_state_dict(trainer["scheduler"])
     run.state = TrainState(**trainer["state"])
+    run.scheduler = lr_schedule(run.optimizer, cfg, run.total_steps, run.state.step)
     run.stream.load_state_dict(own["stream"])
-    run.accelerator.print(f"resumed from {checkpoint} at step {run.state.step}")
+    saved = trainer.get("config", {})
+    changed = [f"--{f} {saved[f]} -> {v}" for f, v in asdict(cfg).items() if saved.get(f, v) != v]
+    run.accelerator.print(
+        f"resumed from {checkpoint} at step {run.state.step}"
+        + (f" with {', '.join(changed)}" if changed else "")
+    )
 
 
 def fit(run: Run) -> float:
@@ -298,9 +315,7 @@ def checkpoint(run: Run) -> None:
             "optimizer": run.optimizer.state_dict(),
             "since_fired": run.since_fired.cpu(),
         }
-    save_checkpoint(
-        run.accelerator, run.cfg, run.mode, trainer_state(run.state, run.scheduler), process
-    )
+    save_checkpoint(run.accelerator, run.cfg, run.mode, trainer_state(run.state, run.cfg), process)
 
 
 def finish(run: Run, train_seconds: float) -> Path | None:

@@ -50,6 +50,8 @@ class ModelShape(NamedTuple):
     params: int
     d_model: int
     n_layers: int
+    d_ff: int
+    """The MLP's hidden width."""
 
 
 class ModePlan(NamedTuple):
@@ -57,6 +59,7 @@ class ModePlan(NamedTuple):
 
     saes_per_process: int
     base_model: int
+    base_forward: int
     sae_weights: int
     gradients: int
     adam_state: int
@@ -117,12 +120,13 @@ def model_shape(name: str) -> ModelShape:
 
             llada = LLaDAConfig.from_dict(config)
             model, d_model, n_layers = LLaDAModelLM(llada), llada.d_model, llada.n_layers
+            d_ff = llada.mlp_hidden_size
         elif kind == "dream":
             from hub_sae.models.dream import DreamConfig, DreamModel
 
             dream = DreamConfig.from_dict(config)
             model, d_model = DreamModel(dream), dream.hidden_size
-            n_layers = dream.num_hidden_layers
+            n_layers, d_ff = dream.num_hidden_layers, dream.intermediate_size
         else:
             if path is None:
                 hf = AutoConfig.for_model(**config)
@@ -131,7 +135,27 @@ def model_shape(name: str) -> ModelShape:
             ar = kind == "ar"  # load_hf's causal LM, with its head
             model = AutoModelForCausalLM.from_config(hf) if ar else _hf_model(hf, path.parent)
             d_model, n_layers = hf.hidden_size, hf.num_hidden_layers
-    return ModelShape(sum(p.numel() for p in model.parameters()), d_model, n_layers)
+            d_ff = getattr(hf, "intermediate_size", None) or 4 * d_model
+    return ModelShape(sum(p.numel() for p in model.parameters()), d_model, n_layers, d_ff)
+
+
+def base_forward(cfg: TrainConfig, shape: ModelShape) -> int:
+    """Peak bytes of one harvest: the forward of an LLM batch, which stops after the deepest hooked
+    block (no logits), and the activations it keeps.
+
+    One block's temporaries (embeddings, residual, norms, q/k/v and their copies: ~12 x d; the
+    MLP's hidden layer and its activation: 2 x d_ff), the [B, 1, T, T] attention mask an HF model's
+    SDPA builds (SDPA keeps no T x T scores), and each hooked block's selected rows (at most the
+    policy's share of the positions) in the model's dtype, then stacked in float32. Checked against
+    the peak RSS of a real harvest in tests/test_train.py.
+    """
+    tokens = cfg.llm_batch_size * cfg.ctx_len
+    width = torch.finfo(getattr(torch, cfg.dtype)).bits // 8
+    share = {"mask": cfg.t_max, "unmask": 1 - cfg.t_min}.get(cfg.policy, 1)
+    block = tokens * (12 * shape.d_model + 2 * shape.d_ff) * width
+    mask = cfg.llm_batch_size * cfg.ctx_len**2 * width
+    kept = int(share * tokens) * len(cfg.layers) * shape.d_model * (width + FLOAT)
+    return block + mask + kept
 
 
 def plan_mode(cfg: TrainConfig, shape: ModelShape, processes: int, mode: str) -> ModePlan:
@@ -155,6 +179,7 @@ def plan_mode(cfg: TrainConfig, shape: ModelShape, processes: int, mode: str) ->
         keep = -(-(steps + 1) * batch // cfg.reuse_activations) * act
     parts = dict(
         base_model=shape.params * torch.finfo(getattr(torch, cfg.dtype)).bits // 8,
+        base_forward=base_forward(cfg, shape),
         sae_weights=weights,
         gradients=weights,
         adam_state=2 * weights + owned * SAE_TENSORS * ADAM_STEP,
@@ -243,7 +268,11 @@ def check_fits(
         if plan_mode(cfg, shape, more, "modules").per_process_bytes * sharing <= free:
             fixes.append(f"more processes (modules fits from {more})")
             break
-    fixes += [f"fewer --ks (now {cfg.ks})", f"a smaller --buffer_tokens (now {cfg.buffer_tokens})"]
+    fixes += [
+        f"fewer --ks (now {cfg.ks})",
+        f"a smaller --buffer_tokens (now {cfg.buffer_tokens})",
+        f"a smaller --llm_batch_size (now {cfg.llm_batch_size})",
+    ]
     raise MemoryError(
         f"the plan for {cfg.name} ({mode}, {processes} process(es)) needs "
         f"{need / 1e9:.1f} GB on {device} but {free / 1e9:.1f} GB are free. Try: "

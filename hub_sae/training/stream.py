@@ -14,6 +14,9 @@ from hub_sae.data import token_batches
 from hub_sae.models import BaseModel
 from hub_sae.training.config import TrainConfig
 
+EMPTY_BATCHES = 100
+"""LLM batches in a row without a selected position after which the stream gives up."""
+
 
 class ActivationStream:
     """SAE batches [sae_batch_size, n_layers, d] of this process's share of the corpus.
@@ -49,6 +52,7 @@ class ActivationStream:
             if draws and cfg.reuse_activations > 1
             else None
         )
+        self.empty = 0
         self.kept: list[Tensor] = []
         self.replay_order: Tensor | None = None
         self.replay_pos = 0
@@ -90,6 +94,15 @@ class ActivationStream:
             self.mask_generator,
         )
         acts = torch.stack([h.acts[layer] for layer in self.cfg.layers], dim=1).float()
+        self.empty = 0 if len(acts) else self.empty + 1
+        if self.empty >= EMPTY_BATCHES:
+            cfg = self.cfg
+            raise RuntimeError(
+                f"{EMPTY_BATCHES} LLM batches in a row ({cfg.llm_batch_size} x {cfg.ctx_len} "
+                f"tokens each) gave no activation: policy {cfg.policy!r} with {cfg.schedule} "
+                f"t_min {cfg.t_min}, t_max {cfg.t_max} selects (almost) no position. Raise "
+                "--t_max (mask), lower --t_min (unmask), or use --policy all."
+            )
         if not torch.isfinite(acts).all():
             raise FloatingPointError(
                 f"non-finite activations from {self.cfg.model} (epoch {self.epoch}, batch {self.batches_read}); "
