@@ -46,11 +46,10 @@ from hub_sae.models.chat import chat_inputs
 from hub_sae.models.unmasking import with_unmasking_head
 from hub_sae.sae import EncoderOutput, TopKSAE
 from hub_sae.suite import SUITE_FILE, SuiteInfo, read_suite
+from hub_sae.training.config import RESERVED_NAMES
 
 LLADA_SUITE = "AwesomeInterpretability/llada-mask-topk-sae"
 """The published DLM-Scope suite, loaded when neither HUB_SAE_SUITE nor a local run is there."""
-CHECKPOINTS = "checkpoints"
-"""The trainer's folder for checkpoints under its output folder: not a suite."""
 MAX_TOKENS = 256
 CHARS_PER_TOKEN = 32
 """Prompts longer than MAX_TOKENS * CHARS_PER_TOKEN characters are refused before tokenising."""
@@ -127,8 +126,8 @@ class Sampling:
 def default_suite(runs: Path | str = "runs") -> str:
     """HUB_SAE_SUITE, else the newest run under `runs/` with a suite.json, else the LLaDA suite.
 
-    Hidden folders (a suite being written, `.NAME.tmp`, or replaced, `.NAME.old`) and the
-    trainer's `checkpoints/` folder are never picked.
+    Hidden folders (a suite being written or replaced) and the trainer's own folders
+    (`checkpoints/`, `logs/`) are never picked.
     """
     if os.environ.get("HUB_SAE_SUITE"):
         return os.environ["HUB_SAE_SUITE"]
@@ -136,7 +135,8 @@ def default_suite(runs: Path | str = "runs") -> str:
         (
             path
             for path in Path(runs).glob(f"*/{SUITE_FILE}")
-            if not path.parent.name.startswith(".") and path.parent.name != CHECKPOINTS
+            if not path.parent.name.startswith(".")
+            and path.parent.name.lower() not in RESERVED_NAMES
         ),
         key=lambda p: p.stat().st_mtime,
     )

@@ -56,8 +56,8 @@ def masked_positions(explorer: Explorer, text: str) -> list[int]:
 def test_default_suite_env_then_newest_run_then_llada(tmp_path, monkeypatch):
     monkeypatch.delenv("HUB_SAE_SUITE", raising=False)
     assert default_suite(tmp_path / "runs") == LLADA_SUITE
-    # written in this order: the hidden temp folders and checkpoints/ are the newest, never picked
-    for name in ("old", "new", ".new.tmp", ".old.old", "checkpoints"):
+    # written in this order: hidden temp folders, checkpoints/ and logs/ are the newest, never picked
+    for name in ("old", "new", ".new.tmp", ".old.old", "checkpoints", "logs"):
         (tmp_path / "runs" / name).mkdir(parents=True)
         (tmp_path / "runs" / name / "suite.json").write_text("{}")
     (tmp_path / "runs" / "unfinished").mkdir()
