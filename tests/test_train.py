@@ -19,7 +19,7 @@ from hub_sae.features import load_features
 from hub_sae.models import load_base_model
 from hub_sae.suite import validate_suite
 from hub_sae.training import TrainConfig, parse_args, train
-from hub_sae.training.checkpoint import checkpoint_root
+from hub_sae.training.checkpoint import checkpoint_root, checkpoints
 from hub_sae.training.loop import checkpoint, lr_schedule, setup, start, train_step
 from hub_sae.training.plan import base_forward, check_fits, model_shape, plan, plan_mode
 from hub_sae.training.saes import SAESet, geometric_median, owners
@@ -457,3 +457,20 @@ def test_memory_check_with_more_processes_than_saes_names_the_problem() -> None:
     cfg = TrainConfig(layers=[1], ks=[32])
     with pytest.raises(ValueError, match="modules needs at least one SAE per process: 1 SAEs, 4"):
         check_fits(cfg, 4, 4, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("change", [{"ks": [16]}, {"expansion_factor": 4}, {"layers": [1]}])
+def test_resume_of_a_checkpoint_without_its_config_names_the_mismatch(
+    checkpointed: TrainConfig, minilm, tmp_path, change: dict
+) -> None:
+    """Checkpoints written before they recorded the config: the SAE tensors are compared instead
+    (load_state_dict raised a bare size-mismatch traceback)."""
+    cfg = copy_run(checkpointed, tmp_path / "runs")
+    (step,) = checkpoints(checkpoint_root(cfg))
+    trainer = torch.load(step / "trainer.pt", weights_only=True)
+    del trainer["config"]
+    torch.save(trainer, step / "trainer.pt")
+    changed = dataclasses.replace(cfg, **change)
+    with pytest.raises(ValueError, match="SAEs in .*step_00000002 do not match this launch's"):
+        setup(changed, minilm, start(changed), resume=True)
+    assert setup(cfg, minilm, start(cfg), resume=True).state.step == 2  # unchanged: resumes

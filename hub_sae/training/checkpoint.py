@@ -114,6 +114,27 @@ def _load(file: Path) -> dict:
         ) from None
 
 
+def check_sae_tensors(path: Path, saved: dict, current: dict) -> None:
+    """Refuse SAE tensors that are missing, extra or of another shape than this launch's SAEs
+    (a checkpoint written before checkpoints recorded their config), naming the first few."""
+    shape = {name: tuple(t.shape) for name, t in current.items()}
+    found = {name: tuple(t.shape) for name, t in saved.items()}
+    problems = [
+        f"{name} {list(found[name]) if name in found else 'missing'} (this launch: "
+        f"{list(shape[name]) if name in shape else 'none'})"
+        for name in sorted(shape.keys() | found.keys())
+        if shape.get(name) != found.get(name)
+    ]
+    if problems:
+        raise ValueError(
+            f"--resume: the SAEs in {path} do not match this launch's --layers, --ks and "
+            f"--d_sae / --expansion_factor: {'; '.join(problems[:4])}"
+            f"{f' and {len(problems) - 4} more' if len(problems) > 4 else ''}. Resume with the "
+            "settings of the run that wrote it, or train these as a new run (another --name, "
+            "without --resume)."
+        )
+
+
 def _option(name: str, value) -> str:
     if value is None:
         return f"no --{name}"

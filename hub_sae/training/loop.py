@@ -29,6 +29,7 @@ from hub_sae.models import BaseModel, family, load_base_model
 from hub_sae.suite import SuiteInfo, save_suite
 from hub_sae.training.checkpoint import (
     TrainState,
+    check_sae_tensors,
     checkpoint_root,
     exit_with_launcher,
     latest_checkpoint,
@@ -197,6 +198,7 @@ def restore(run: Run, checkpoint: Path) -> None:
     schedule (`check_resume` has refused changes that cannot apply)."""
     cfg = run.cfg
     trainer, own, sae_file = load_checkpoint(checkpoint, run.accelerator, cfg, run.mode)
+    check_sae_tensors(checkpoint, sae_file["saes"], run.saes.state_dict())
     run.saes.load_state_dict(sae_file["saes"])
     run.optimizer.load_state_dict(sae_file["optimizer"])
     for group in run.optimizer.param_groups:
