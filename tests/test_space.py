@@ -567,6 +567,9 @@ def test_chat_box_appends_masked_answer_tokens_after_the_chat_prompt(dream, llad
             app.decode(dream, *args, "entropy", None, None, None, "hello world", answer)
     with pytest.raises(gr.Error, match="has no chat template"):
         app.decode(llada, *args, "entropy", None, None, None, "hello", 3)
+    huge = "hello " * 200_000  # bounded before the chat template and the tokenizer run
+    with pytest.raises(gr.Error, match=r"chat message is 1,200,000 characters long; .* at most"):
+        app.decode(dream, *args, "entropy", None, None, None, huge, 3)
 
 
 def test_autoregressive_model_explores_clean_text_and_refuses_to_decode(qwen):
