@@ -474,3 +474,20 @@ def test_resume_of_a_checkpoint_without_its_config_names_the_mismatch(
     with pytest.raises(ValueError, match="SAEs in .*step_00000002 do not match this launch's"):
         setup(changed, minilm, start(changed), resume=True)
     assert setup(cfg, minilm, start(cfg), resume=True).state.step == 2  # unchanged: resumes
+
+
+def test_older_checkpoints_are_hidden_before_they_are_deleted(
+    checkpointed: TrainConfig, minilm, tmp_path
+) -> None:
+    """A kill while deleting the previous step left step_* folders with only some files; it is
+    now renamed to a hidden .old-step_* first, and such leftovers go at the next checkpoint."""
+    cfg = copy_run(checkpointed, tmp_path / "runs")
+    root = checkpoint_root(cfg)
+    leftover = root / ".old-step_00000001"
+    leftover.mkdir()
+    (leftover / "trainer.pt").write_bytes(b"half")
+    run = setup(cfg, minilm, start(cfg), resume=True)
+    train_step(run)
+    checkpoint(run)
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000003"]
+    assert {p.name for p in (root / "step_00000003").iterdir()} == {"trainer.pt", "rank_0.pt"}

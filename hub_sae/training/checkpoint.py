@@ -4,7 +4,8 @@ OUTPUT_DIR/checkpoints/NAME/step_XXXXXXXX/
   trainer.pt    step, tokens, input scale, the run's config, the process count and distribute mode
   rank_R.pt     process R's stream (position, generators, shuffle buffer); with modules also the
                 SAEs it owns, their Adam state and dead counters (replicate: rank_0.pt holds them)
-Every process writes into a hidden temp folder; after a barrier process 0 renames it into place.
+Every process writes into a hidden temp folder; after a barrier process 0 renames it into place,
+then renames the older steps to hidden names before deleting them (whole or absent both ways).
 
 A resumed run may change any field but those of RESUME_FIXED (refused by name, with the command to
 use); the rest apply from the resumed step on (the lr schedule is a function of the step).
@@ -68,6 +69,8 @@ def save_checkpoint(
     tmp = root / f".tmp-step_{step:08d}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
+        for trash in root.glob(".old-step_*"):  # left by a run killed while deleting
+            shutil.rmtree(trash, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     with writing(tmp):
@@ -78,8 +81,10 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         os.replace(tmp, root / f"step_{step:08d}")
-        for old in checkpoints(root)[:-1]:
-            shutil.rmtree(old)
+        for old in checkpoints(root)[:-1]:  # renamed first: a kill mid-delete leaves no half step
+            trash = root / f".old-{old.name}"
+            os.replace(old, trash)
+            shutil.rmtree(trash)
     accelerator.wait_for_everyone()
 
 
