@@ -7,6 +7,8 @@
                                                             one commit with the whole suite
     hub-sae export SAE_OR_SUITE --format saelens|sparsify --out DIR
                                                             folders SAELens / sparsify load
+    hub-sae analyze order|steer|compare|insertion ... --out DIR
+                                                            DLM-Scope's analyses: JSON, PNG, table
 
 SUITE is a suite folder, or (eval, card) a hub repo id: downloaded into the hub cache and copied
 into --out DIR (a new folder), where the command writes; nothing is written into the cache or into
@@ -244,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="new (or empty) folder to write")
     exp.add_argument("--layer", type=int, help="export only this layer's SAE")
     exp.add_argument("--k", type=int, help="export only the SAE with this k")
+
+    from hub_sae.analysis.commands import add_analyses
+
+    add_analyses(commands.add_parser("analyze", help="DLM-Scope's analyses of a suite"))
     return parser
 
 
@@ -264,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
             return _card(args, parser)
         if args.command == "export":
             return _export(args)
+        if args.command == "analyze":
+            from hub_sae.analysis.commands import run_analysis
+
+            return run_analysis(args)
         return _push(args)
     except (OSError, ValueError, FolderBusyError) as e:
         print(f"hub-sae: error: {e}", file=sys.stderr)

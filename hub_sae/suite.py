@@ -213,6 +213,21 @@ def read_suite(root: str | Path) -> SuiteInfo:
     return SuiteInfo.from_dict(data, path)
 
 
+def suite_info(source: str | Path) -> SuiteInfo | None:
+    """suite.json of a local folder or hub repo; None for layouts without one (dictionary_learning)."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    from hub_sae.io import HubOptions, local_path
+
+    folder = local_path(source)
+    if folder is not None:
+        return read_suite(folder) if (folder / SUITE_FILE).is_file() else None
+    try:
+        return read_suite(HubOptions().file(str(source), SUITE_FILE).parent)
+    except EntryNotFoundError:  # a release without suite.json: the SAE configs say enough
+        return None
+
+
 def save_suite(
     out_dir: str | Path,
     saes: dict[tuple[int, int], TopKSAE],

@@ -45,7 +45,7 @@ from hub_sae.models import BaseModel, load_base_model
 from hub_sae.models.chat import chat_inputs
 from hub_sae.models.unmasking import with_unmasking_head
 from hub_sae.sae import EncoderOutput, TopKSAE
-from hub_sae.suite import SUITE_FILE, SuiteInfo, read_suite
+from hub_sae.suite import SUITE_FILE, SuiteInfo, suite_info
 from hub_sae.training.config import RESERVED_NAMES
 
 LLADA_SUITE = "AwesomeInterpretability/llada-mask-topk-sae"
@@ -141,17 +141,6 @@ def default_suite(runs: Path | str = "runs") -> str:
         key=lambda p: p.stat().st_mtime,
     )
     return str(suites[-1].parent) if suites else LLADA_SUITE
-
-
-def suite_info(source: str) -> SuiteInfo | None:
-    """suite.json of a local folder or hub repo; None for layouts without one (dictionary_learning)."""
-    folder = local_path(source)
-    if folder is not None:
-        return read_suite(folder) if (folder / SUITE_FILE).is_file() else None
-    try:
-        return read_suite(HubOptions().file(source, SUITE_FILE).parent)
-    except EntryNotFoundError:  # a release without suite.json: the SAE configs say enough
-        return None
 
 
 def suite_features(source: str, info: SuiteInfo | None, sae: TopKSAE) -> FeatureStats | None:

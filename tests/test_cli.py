@@ -312,3 +312,17 @@ def test_a_repo_id_never_resolves_to_a_local_folder_of_its_name(suite, tmp_path)
     assert tree_bytes(repo) == cached and tree_bytes(suite) == before
     done = hub_sae("card", "me/tiny-mask", "--out", "copy", cwd=tmp_path, HF_HUB_CACHE=str(cache))
     assert done.returncode == 1 and "copy already exists and is not empty" in done.stderr
+
+
+def test_every_subpackage_ships_in_the_wheel():
+    """pyproject's explicit package list names every folder of hub_sae with an __init__.py."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    listed = set(
+        tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(p.parent.relative_to(root).parts) for p in (root / "hub_sae").rglob("__init__.py")
+    }
+    assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages"
