@@ -35,6 +35,13 @@ CSS = """
 .timeline td { font-size: 12px; padding: 2px 4px; }
 """
 STEER_POSITIONS = "still-masked positions, all, or indices such as 3, 5"
+SHOW_IN_URL = """(layer, feature) => {
+  const url = new URL(window.location.href);
+  url.searchParams.set("layer", layer);
+  url.searchParams.set("feature", feature);
+  window.history.replaceState(null, "", url);
+}"""
+"""Browser-side: the address bar follows the feature shown, so it can be copied as a link."""
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -61,10 +68,20 @@ def _analysis(explorer: Explorer, prompt: str, ratio: float, seed: float | None)
 
 
 @user_errors
-def analyse(explorer: Explorer, prompt: str, layer: int, ratio: float, seed: float) -> tuple:
-    """Everything for a new prompt or layer: the most active feature and where it peaks."""
+def analyse(
+    explorer: Explorer,
+    prompt: str,
+    layer: int,
+    ratio: float,
+    seed: float,
+    feature: float | None = None,
+) -> tuple:
+    """Everything for a new prompt or layer: `feature` (default: the prompt's strongest rare one,
+    `Explorer.prompt_feature`), where it peaks, and its page."""
     analysis = _analysis(explorer, prompt, ratio, seed)
-    feature = explorer.default_feature(analysis, layer)
+    if feature is None:
+        feature = explorer.prompt_feature(analysis, layer)
+    feature = explorer.check_feature(layer, feature)
     position = explorer.peak_position(analysis, layer, feature)
     return (
         views.status(explorer, analysis),
@@ -75,18 +92,56 @@ def analyse(explorer: Explorer, prompt: str, layer: int, ratio: float, seed: flo
     )
 
 
+def open_link(
+    explorer: Explorer, prompt: str, ratio: float, seed: float, params: dict[str, str]
+) -> tuple:
+    """The page a link opens: its query parameters' layer / k / feature (`Explorer.open_link`),
+    else the default layer's default feature with the message why."""
+    try:
+        layer, feature = explorer.open_link(params)
+        note = ""
+    except InputError as e:
+        layer = explorer.default_layer
+        feature, note = explorer.default_feature(layer), f"**{e}** Showing the default feature."
+    info, *shown = analyse(explorer, prompt, layer, ratio, seed, feature)
+    return layer, f"{note}\n\n{info}" if note else info, *shown
+
+
+def link_opener(explorer: Explorer) -> Callable:
+    """The page load handler: `open_link` on the request's query parameters."""
+
+    def load(prompt: str, ratio: float, seed: float, request: gr.Request) -> tuple:
+        return open_link(explorer, prompt, ratio, seed, dict(request.query_params))
+
+    return load
+
+
 @user_errors
 def show_feature(
     explorer: Explorer, prompt: str, layer: int, ratio: float, seed: float, feature: int
-) -> tuple[views.HeatMap, str, pd.DataFrame, pd.DataFrame]:
-    """Heat map of `feature` over the prompt, its summary, top contexts and logit lens."""
+) -> tuple:
+    """The page of `feature`: heat map over the prompt, summary, link, histogram, frequency by
+    masking ratio, examples by band and logit lens (promoted and suppressed tokens)."""
     analysis = _analysis(explorer, prompt, ratio, seed)
+    feature = explorer.check_feature(layer, feature)
     return (
         views.heat_map(explorer, analysis, layer, feature),
         views.feature_summary(explorer, analysis, layer, feature),
-        views.contexts_table(explorer.contexts(layer, feature)),
+        views.feature_link(explorer, layer, feature),
+        views.examples_html(explorer.examples(layer, feature)),
         views.lens_table(explorer.logit_lens(layer, feature)),
+        views.lens_table(explorer.logit_lens(layer, feature, lowest=True)),
     )
+
+
+@user_errors
+def search(
+    explorer: Explorer, query: str, mode: str, layer: int, ratio: float, seed: float
+) -> pd.DataFrame:
+    """The features that fire most on a token (training examples) or on a typed text."""
+    if mode == "token":
+        return views.search_table(explorer.search_token(layer, query))
+    return views.search_table(explorer.search_text(_analysis(explorer, query, ratio, seed), layer))
 
 
 @user_errors
@@ -191,9 +246,9 @@ def cell_picker(explorer: Explorer, which: str) -> Callable:
     return pick
 
 
-def explore_tab(explorer: Explorer, inputs: list[gr.Component]) -> gr.Number:
-    """Heat map, per-token table and feature panel, wired to `inputs` (prompt, layer, ratio, seed);
-    returns the feature box."""
+def explore_tab(explorer: Explorer, inputs: list[gr.Component], demo: gr.Blocks) -> gr.Number:
+    """Heat map, per-token table, feature search and the feature page, wired to `inputs` (prompt,
+    layer, ratio, seed) and opened by a link's query parameters; returns the feature box."""
     prompt, layer, ratio, seed = inputs
     run = gr.Button("Analyse", variant="primary")
     info = gr.Markdown()
@@ -210,15 +265,22 @@ def explore_tab(explorer: Explorer, inputs: list[gr.Component]) -> gr.Number:
         table = gr.Dataframe(label="Top features of the token (click one)", interactive=False)
         with gr.Column():
             summary = gr.Markdown()
-            lens = gr.Dataframe(label=views.lens_label(explorer), interactive=False)
-    contexts = gr.Dataframe(label="Top-activating training contexts", interactive=False, wrap=True)
+            link = gr.Markdown(elem_id="link")
+    with gr.Accordion("Search features", open=False):
+        gr.Markdown(views.SEARCH_HELP)
+        with gr.Row():
+            query = gr.Textbox(label="Token or text", scale=3)
+            mode = gr.Radio(["token", "text"], value="token", label="Search by", scale=1)
+            find = gr.Button("Search", scale=1)
+        found = gr.Dataframe(label="Features found (click one)", interactive=False)
+    examples = gr.HTML(elem_id="examples")
+    with gr.Row():
+        promoted = gr.Dataframe(label=views.lens_label(explorer), interactive=False)
+        suppressed = gr.Dataframe(label=views.lens_label(explorer, lowest=True), interactive=False)
 
-    feature_out = [heatmap, summary, contexts, lens]
-    analyse_io = dict(
-        fn=functools.partial(analyse, explorer),
-        inputs=inputs,
-        outputs=[info, position, table, feature, *feature_out],
-    )
+    feature_out = [heatmap, summary, link, examples, promoted, suppressed]
+    analyse_out = [info, position, table, feature, *feature_out]
+    analyse_io = dict(fn=functools.partial(analyse, explorer), inputs=inputs, outputs=analyse_out)
     run.click(**analyse_io, api_name="analyze")
     prompt.submit(**analyse_io, api_name=False)
     layer.input(**analyse_io, api_name=False)
@@ -226,6 +288,9 @@ def explore_tab(explorer: Explorer, inputs: list[gr.Component]) -> gr.Number:
     feature.submit(**feature_io, inputs=[*inputs, feature], api_name="feature")
     token_io = dict(fn=functools.partial(show_token, explorer), outputs=table)
     position.input(**token_io, inputs=[*inputs, position], api_name="token")
+    search_io = dict(fn=functools.partial(search, explorer), outputs=found)
+    find.click(**search_io, inputs=[query, mode, layer, ratio, seed], api_name="search")
+    query.submit(**search_io, inputs=[query, mode, layer, ratio, seed], api_name=False)
 
     def pick_token(evt: gr.SelectData) -> int:
         return evt.index
@@ -236,9 +301,13 @@ def explore_tab(explorer: Explorer, inputs: list[gr.Component]) -> gr.Number:
     heatmap.select(pick_token, None, position, api_name=False).then(
         **token_io, inputs=[*inputs, position], api_name=False
     )
-    table.select(pick_feature, table, feature, api_name=False).then(
-        **feature_io, inputs=[*inputs, feature], api_name=False
-    )
+    for frame in (table, found):
+        frame.select(pick_feature, frame, feature, api_name=False).then(
+            **feature_io, inputs=[*inputs, feature], api_name=False
+        )
+    feature.change(None, [layer, feature], None, js=SHOW_IN_URL, api_name=False)
+    link_io = dict(inputs=[prompt, ratio, seed], outputs=[layer, *analyse_out], api_name=False)
+    demo.load(link_opener(explorer), **link_io)
     return feature
 
 
@@ -353,7 +422,7 @@ def build_app(source: str | Explorer | None = None) -> gr.Blocks:
                 seed = gr.Number(value=0, step=1, label="Seed")  # checked by the handlers
         inputs = [prompt, layers, ratio, seed]
         with gr.Tab("Explore"):
-            feature = explore_tab(explorer, inputs)
+            feature = explore_tab(explorer, inputs, demo)
         with gr.Tab("Decode"):
             decode_tab(explorer, inputs, feature)
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
@@ -371,8 +440,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--base-model", default=None, help="override the suite's base model")
+    parser.add_argument("--k", type=int, default=None, help="the SAEs' k (default: the suite's)")
     args = parser.parse_args(argv)
-    explorer = Explorer.load(args.suite, device=args.device, base_model=args.base_model)
+    explorer = Explorer.load(args.suite, args.device, args.base_model, args.k)
     build_app(explorer).launch(server_name=args.host, server_port=args.port, css=CSS)
 
 

@@ -60,6 +60,10 @@ float32's overflow (1e39 is inf there, 1e300 added turns every logit into NaN)."
 SEED_MAX = 2**32 - 1
 SAMPLERS = {"llada": "LLaDA's generate", "dream": "Dream's diffusion_generate"}
 """The decoding samplers by name; both run on every family with a mask token."""
+RARE = 0.01
+"""Default features fire on less than this share of the training positions (1 %): a feature that
+fires everywhere says nothing."""
+SEARCH_ROWS = 20
 
 
 class InputError(ValueError):
@@ -158,6 +162,11 @@ def suite_features(source: str, info: SuiteInfo | None, sae: TopKSAE) -> Feature
         return None
 
 
+def example_tokens(stats: FeatureStats) -> tuple[Tensor, Tensor]:
+    """[d_sae, n] the clean token at each stored example of each feature and its activation."""
+    return stats.top_tokens, stats.top_values
+
+
 def unembed(base: BaseModel) -> nn.Module | None:
     """The model's final norm + output head (residual -> logits), or None without an LM head."""
     if not base.has_lm_head:
@@ -201,15 +210,34 @@ class FeatureRow(NamedTuple):
     """Fraction of training positions it fires on; None without feature statistics."""
 
 
-class Context(NamedTuple):
-    """A top-activating training context of a feature, split around its centre token."""
+class Example(NamedTuple):
+    """A training example of a feature: a window of clean text around the analysed position."""
 
     activation: float
-    left: str
-    centre: str
-    right: str
-    seen_as: str
-    """What the model read at the centre when that differs from the token (a mask), else ""."""
+    pieces: list[str]
+    """Each window position's clean text, its leading whitespace included."""
+    centre: int
+    """The analysed position's index in `pieces`."""
+    masked: list[bool]
+    """Whether the model read the mask token at each window position."""
+    t: float | None
+    """The batch's masking ratio (None: not recorded, v1 statistics)."""
+
+
+class Band(NamedTuple):
+    """Examples of a feature from one activation band (the top, or a quantile range)."""
+
+    name: str
+    examples: list[Example]
+
+
+class SearchHit(NamedTuple):
+    """A feature found by a search: its strongest activation there and on how many positions."""
+
+    feature: int
+    activation: float
+    count: int
+    frequency: float | None
 
 
 class LensToken(NamedTuple):
@@ -268,16 +296,21 @@ class Explorer:
 
     @classmethod
     def load(
-        cls, source: str | None = None, device: str | None = None, base_model: str | None = None
+        cls,
+        source: str | None = None,
+        device: str | None = None,
+        base_model: str | None = None,
+        k: int | None = None,
     ) -> Explorer:
-        """Load a suite (local folder or hub id; default `default_suite()`) and its base model
-        (default: suite.json's base_model, else the SAE config's)."""
+        """Load a suite (local folder or hub id; default `default_suite()`), its SAEs of one k
+        (default: the suite's default k) and its base model (default: suite.json's base_model,
+        else the SAE config's)."""
         source = str(source or default_suite())
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         info = suite_info(source)
         saes = {
             layer: sae.eval().requires_grad_(False)
-            for layer, sae in TopKSAE.load_suite(source).items()
+            for layer, sae in TopKSAE.load_suite(source, k=k).items()
         }
         first = next(iter(saes.values()))
         base_model = base_model or (info and info.base_model) or first.base_model
@@ -296,6 +329,11 @@ class Explorer:
     @property
     def layers(self) -> list[int]:
         return sorted(self.saes)
+
+    @property
+    def k(self) -> int:
+        """The k of the loaded SAEs (one k per Space)."""
+        return self.saes[self.layers[0]].k
 
     @property
     def max_chars(self) -> int:
@@ -521,9 +559,99 @@ class Explorer:
             0, enc.top_indices[selected].flatten(), enc.top_acts[selected].flatten(), "amax"
         )
 
-    def default_feature(self, analysis: Analysis, layer: int) -> int:
-        """The feature with the largest activation on the selected positions of the prompt."""
-        return int(self.strongest(analysis, layer).argmax())
+    def rare(self, layer: int) -> Tensor | None:
+        """[d_sae] bool: the features firing on less than RARE of the training positions (None
+        without feature statistics)."""
+        stats = self.features.get(self.check_layer(layer))
+        return None if stats is None else stats.frequency < RARE
+
+    def default_feature(self, layer: int) -> int:
+        """The feature a page opens on: the most frequent one among those firing on less than
+        RARE of the training positions (feature 0 without statistics or without such a one)."""
+        rare, stats = self.rare(layer), self.features.get(layer)
+        if stats is None or not bool((rare & (stats.frequency > 0)).any()):
+            return 0
+        return int(stats.frequency.masked_fill(~rare, -1.0).argmax())
+
+    def prompt_feature(self, analysis: Analysis, layer: int) -> int:
+        """The feature with the largest activation on the selected positions of the prompt,
+        among the rare ones (`rare`) when one of them is active there."""
+        strongest, rare = self.strongest(analysis, layer), self.rare(layer)
+        if rare is not None and bool((strongest[rare] > 0).any()):
+            strongest = strongest.masked_fill(~rare, 0.0)
+        return int(strongest.argmax())
+
+    def open_link(self, params: dict[str, str]) -> tuple[int, int]:
+        """(layer, feature) from a link's query parameters `layer`, `k` and `feature` (each
+        optional: the default layer and `default_feature`); InputError naming a bad one."""
+        layer = self.default_layer
+        if params.get("layer") is not None:
+            layer = whole_number("The link's layer", params["layer"], max(self.layers))
+            self.check_layer(layer)
+        if params.get("k") is not None:
+            k = whole_number("The link's k", params["k"], self.saes[layer].d_sae, 1)
+            if k != self.k:
+                raise InputError(
+                    f"The link asks for k = {k}; this Space serves the k = {self.k} SAEs of "
+                    f"{self.title}. Remove k from the link or start the Space with --k {k}."
+                )
+        if params.get("feature") is None:
+            return layer, self.default_feature(layer)
+        return layer, whole_number(
+            "The link's feature", params["feature"], self.saes[layer].d_sae - 1
+        )
+
+    def token_ids(self, text: str) -> list[int]:
+        """The ids `text` is as a single token, with and without a leading space."""
+        word = text.strip()
+        if not word:
+            raise InputError("Type a token to search for.")
+        self.check_chars("token", word)
+        encode = self.base.tokenizer
+        ids = [encode(w, add_special_tokens=False)["input_ids"] for w in (word, f" {word}")]
+        single = sorted({i[0] for i in ids if len(i) == 1})
+        if not single:
+            pieces = [self.token_text(i) for i in ids[0]]
+            raise InputError(
+                f"{word!r} is {len(pieces)} tokens for this tokenizer ({pieces}): search one of "
+                "them, or search by text."
+            )
+        return single
+
+    def search_token(self, layer: int, text: str) -> list[SearchHit]:
+        """The features whose stored training examples are on the token `text`: largest
+        activation on it first, then the most such examples; at most SEARCH_ROWS."""
+        ids = torch.tensor(self.token_ids(text))
+        stats = self.features.get(self.check_layer(layer))
+        if stats is None:
+            raise InputError(
+                f"Layer {layer} has no feature statistics (features.safetensors) to search; "
+                "search by text instead."
+            )
+        tokens, values = example_tokens(stats)
+        on = torch.isin(tokens, ids) & (values > 0)
+        return self.hits(layer, values.masked_fill(~on, 0.0).amax(1), on.sum(1))
+
+    def search_text(self, analysis: Analysis, layer: int) -> list[SearchHit]:
+        """The features active on the analysed positions of a prompt: largest activation first,
+        then the most positions; at most SEARCH_ROWS."""
+        enc = analysis.latents[self.check_layer(layer)]
+        selected = analysis.prompt.selected
+        strongest = self.strongest(analysis, layer)
+        fired = enc.top_acts[selected] > 0
+        counts = torch.bincount(enc.top_indices[selected][fired], minlength=len(strongest))
+        return self.hits(layer, strongest, counts)
+
+    def hits(self, layer: int, activation: Tensor, counts: Tensor) -> list[SearchHit]:
+        """The SEARCH_ROWS features with count > 0, by activation then count, with frequency."""
+        stats = self.features.get(layer)
+        found = sorted(
+            (-float(activation[f]), -int(counts[f]), int(f)) for f in counts.nonzero().flatten()
+        )[:SEARCH_ROWS]
+        return [
+            SearchHit(f, -a, -c, None if stats is None else float(stats.frequency[f]))
+            for a, c, f in found
+        ]
 
     def peak_position(self, analysis: Analysis, layer: int, feature: int) -> int:
         """The selected position where `feature` is strongest (the first selected one if nowhere)."""
@@ -554,32 +682,54 @@ class Explorer:
         order = acts.argsort(descending=True)
         return self.feature_rows(layer, acts[order], indices[order])
 
-    def contexts(self, layer: int, feature: int) -> list[Context]:
-        """The feature's top-activating contexts from the training corpus ([] without stats)."""
+    def pieces(self, ids: list[int]) -> list[str]:
+        """The text of each token of `ids` as it reads in the decoded sequence (the whitespace
+        before it included), by decoding ever longer prefixes."""
+        out, before = [], ""
+        for i in range(len(ids)):
+            text = self.base.tokenizer.decode(ids[: i + 1])
+            out.append(text[len(before) :] if text.startswith(before) else self.token_text(ids[i]))
+            before = text
+        return out
+
+    def example(
+        self, activation: float, ids: Tensor, centre: int, masked: Tensor, t: float | None
+    ) -> Example:
+        """An `Example` from a window of clean ids (-1 off the sequence's edge)."""
+        kept = (ids >= 0).nonzero().flatten().tolist()
+        pieces = self.pieces([int(ids[i]) for i in kept])
+        return Example(activation, pieces, kept.index(centre), [bool(masked[i]) for i in kept], t)
+
+    def examples(self, layer: int, feature: int) -> list[Band]:
+        """The feature's training examples by activation band ([] without statistics)."""
         stats = self.features.get(self.check_layer(layer))
         if stats is None:
             return []
         feature = self.check_feature(layer, feature)
-        w, out = stats.window, []
+        w, mask, top = stats.window, self.base.mask_token_id, []
         for value, token, ids in zip(
             stats.top_values[feature],
             stats.top_tokens[feature],
             stats.top_contexts[feature],
             strict=True,
         ):
-            if token < 0 or value <= 0:
-                continue
-            left = self.base.tokenizer.decode([i for i in ids[:w].tolist() if i >= 0])
-            right = self.base.tokenizer.decode([i for i in ids[w + 1 :].tolist() if i >= 0])
-            seen = "" if int(ids[w]) == int(token) else self.token_text(ids[w])
-            out.append(Context(float(value), left, self.token_text(token), right, seen))
-        return out
+            if token >= 0 and value > 0:  # v1: the corrupted input, the clean centre token
+                masked = (
+                    ids == mask if mask is not None else torch.zeros_like(ids, dtype=torch.bool)
+                )
+                masked[w] = bool(ids[w] != token)
+                clean = ids.clone()
+                clean[w] = token
+                top.append(self.example(float(value), clean, w, masked, None))
+        return [Band("top", top)] if top else []
 
     @torch.no_grad()
-    def logit_lens(self, layer: int, feature: int, n: int = 10) -> list[LensToken]:
-        """Tokens the feature's decoder direction promotes through the final norm + LM head,
-        strongest first ([] without an LM head); at the next position for shifted families
-        (`lens_position`)."""
+    def logit_lens(
+        self, layer: int, feature: int, n: int = 10, lowest: bool = False
+    ) -> list[LensToken]:
+        """Tokens the feature's decoder direction promotes (`lowest`: suppresses) through the final
+        norm + LM head, strongest first ([] without an LM head); at the next position for shifted
+        families (`lens_position`)."""
         if self.head is None:
             return []
         sae = self.saes[self.check_layer(layer)]
@@ -587,7 +737,7 @@ class Explorer:
         param = next(self.head.parameters())
         logits = self.head(direction.to(param.device, param.dtype)[None]).float()[0]
         logits = logits[: vocab_limit(self.base)]
-        values, ids = logits.topk(min(n, len(logits)))
+        values, ids = logits.topk(min(n, len(logits)), largest=not lowest)
         return [LensToken(self.token_text(i), float(v)) for v, i in zip(values, ids, strict=True)]
 
     def decode_prompt(

@@ -7,11 +7,21 @@ DataFrames, HighlightedText (text, score-or-label) pairs, markdown); nothing her
 
 from __future__ import annotations
 
+import html
+from urllib.parse import urlencode
+
 import pandas as pd
-from explorer import Analysis, Context, DecodeRun, Explorer, FeatureRow, LensToken
+from explorer import Analysis, Band, DecodeRun, Explorer, FeatureRow, LensToken, SearchHit
 
 from hub_sae.diffusion import Generation
 
+SEARCH_HELP = (
+    "A feature *fires most* on what you search when its largest activation there is the largest "
+    "(ties: the larger count). **token**: over the feature's stored training examples (top and "
+    "activation bands) whose analysed position holds that token; count = such examples. "
+    "**text**: the text is analysed as a prompt (typed mask tokens and the random ratio above; "
+    "the suite's policy picks the positions); count = analysed positions it fires on."
+)
 HeatMap = list[tuple[str, float | str | None]]
 """HighlightedText pairs: each position's text with its score (or label), None to grey it out."""
 
@@ -37,10 +47,10 @@ def mask_line(explorer: Explorer) -> str:
     return f"Type `{explorer.mask_text}` where you want masked positions."
 
 
-def lens_label(explorer: Explorer) -> str:
-    """The logit lens table's label: where its tokens are promoted."""
+def lens_label(explorer: Explorer, lowest: bool = False) -> str:
+    """A logit lens table's label: which tokens, and at which position."""
     where = "at the next position" if explorer.base.shifted else "at the same position"
-    return f"Logit lens: tokens promoted {where}"
+    return f"Logit lens: tokens {'suppressed' if lowest else 'promoted'} {where}"
 
 
 def status(explorer: Explorer, analysis: Analysis) -> str:
@@ -87,17 +97,49 @@ def feature_table(rows: list[FeatureRow]) -> pd.DataFrame:
     )
 
 
-def contexts_table(contexts: list[Context]) -> pd.DataFrame:
-    """Top-activating contexts, the centre token between ⟦ ⟧."""
+def examples_html(bands: list[Band]) -> str:
+    """The examples of each band as rows of clean text: the analysed position in a <mark>, the
+    other masked positions in <u class="masked">; every token escaped (corpus text is untrusted)."""
+    if not bands:
+        return "<p>No training examples: this suite has no feature statistics for the layer.</p>"
+    out = []
+    for band in bands:
+        out.append(f"<h4>{html.escape(band.name)}</h4><table class='examples'>")
+        out.append("<tr><th>activation</th><th>t</th><th>clean text</th></tr>")
+        for ex in band.examples:
+            text = []
+            for i, (piece, masked) in enumerate(zip(ex.pieces, ex.masked, strict=True)):
+                lead = piece[: len(piece) - len(piece.lstrip())]
+                word = html.escape(piece.strip() or piece)
+                if i == ex.centre:
+                    word = f"<mark class='centre'>{word}</mark>"
+                elif masked:
+                    word = f"<u class='masked'>{word}</u>"
+                text.append(html.escape(lead) + word)
+            t = "" if ex.t is None else f"{ex.t:.2f}"
+            out.append(f"<tr><td>{ex.activation:.3f}</td><td>{t}</td><td>{''.join(text)}</td></tr>")
+        out.append("</table>")
+    return "".join(out)
+
+
+def search_table(hits: list[SearchHit]) -> pd.DataFrame:
+    """Search results: feature, its largest activation there, its count and training frequency."""
     rows = [
         {
-            "activation": round(c.activation, 4),
-            "context": f"{c.left} ⟦{c.centre.strip()}⟧ {c.right}",
-            "seen as": c.seen_as,
+            "feature": h.feature,
+            "activation": round(h.activation, 4),
+            "count": h.count,
+            "frequency %": None if h.frequency is None else round(100 * h.frequency, 3),
         }
-        for c in contexts
+        for h in hits
     ]
-    return pd.DataFrame(rows, columns=["activation", "context", "seen as"])
+    return pd.DataFrame(rows, columns=["feature", "activation", "count", "frequency %"])
+
+
+def feature_link(explorer: Explorer, layer: int, feature: int) -> str:
+    """Markdown: a link that opens this page on (layer, k, feature)."""
+    query = "?" + urlencode({"layer": layer, "k": explorer.k, "feature": feature})
+    return f"Link to this feature: [`{query}`]({query})"
 
 
 def lens_table(tokens: list[LensToken]) -> pd.DataFrame:
