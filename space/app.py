@@ -32,6 +32,9 @@ EXAMPLE_WORDS = ("break", "continue")
 CONCURRENCY, QUEUE_SIZE = 2, 64
 CSS = """
 #heatmap .score-token:not(.highlighted) { opacity: 0.45; }
+#examples mark.centre { background: #ffb86b; font-weight: bold; }
+#examples .masked { text-decoration: underline dotted 2px; color: #3367d6; }
+#examples td { padding: 2px 6px; vertical-align: top; }
 .timeline td { font-size: 12px; padding: 2px 4px; }
 """
 STEER_POSITIONS = "still-masked positions, all, or indices such as 3, 5"
@@ -128,9 +131,11 @@ def show_feature(
         views.heat_map(explorer, analysis, layer, feature),
         views.feature_summary(explorer, analysis, layer, feature),
         views.feature_link(explorer, layer, feature),
+        views.histogram_plot(explorer, layer, feature),
+        views.frequency_plot(explorer, layer, feature),
         views.examples_html(explorer.examples(layer, feature)),
-        views.lens_table(explorer.logit_lens(layer, feature)),
-        views.lens_table(explorer.logit_lens(layer, feature, lowest=True)),
+        views.lens_table(explorer.logit_effects(layer, feature)),
+        views.lens_table(explorer.logit_effects(layer, feature, lowest=True)),
     )
 
 
@@ -273,12 +278,15 @@ def explore_tab(explorer: Explorer, inputs: list[gr.Component], demo: gr.Blocks)
             mode = gr.Radio(["token", "text"], value="token", label="Search by", scale=1)
             find = gr.Button("Search", scale=1)
         found = gr.Dataframe(label="Features found (click one)", interactive=False)
-    examples = gr.HTML(elem_id="examples")
+    with gr.Row():
+        histogram = gr.Plot(label="Activation histogram", elem_id="histogram")
+        by_t = gr.Plot(label="Firing frequency by masking ratio t", elem_id="frequency-by-t")
+    examples = gr.HTML(label="Training examples by activation band", elem_id="examples")
     with gr.Row():
         promoted = gr.Dataframe(label=views.lens_label(explorer), interactive=False)
         suppressed = gr.Dataframe(label=views.lens_label(explorer, lowest=True), interactive=False)
 
-    feature_out = [heatmap, summary, link, examples, promoted, suppressed]
+    feature_out = [heatmap, summary, link, histogram, by_t, examples, promoted, suppressed]
     analyse_out = [info, position, table, feature, *feature_out]
     analyse_io = dict(fn=functools.partial(analyse, explorer), inputs=inputs, outputs=analyse_out)
     run.click(**analyse_io, api_name="analyze")

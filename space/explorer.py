@@ -163,8 +163,20 @@ def suite_features(source: str, info: SuiteInfo | None, sae: TopKSAE) -> Feature
 
 
 def example_tokens(stats: FeatureStats) -> tuple[Tensor, Tensor]:
-    """[d_sae, n] the clean token at each stored example of each feature and its activation."""
-    return stats.top_tokens, stats.top_values
+    """[d_sae, n] the clean token at each stored example of each feature (every band) and its
+    activation."""
+    d_sae = len(stats.frequency)
+    tokens = stats.example_ids[..., stats.window].long().reshape(d_sae, -1)
+    return tokens, stats.example_values.reshape(d_sae, -1)
+
+
+def band_name(band: int, bands: int) -> str:
+    """Band 0: the top activations; band b: a random sample of quantile range
+    [1 - b / bands, 1 - (b - 1) / bands] of the non-zero activations."""
+    if band == 0:
+        return "Top activations"
+    low, high = 1 - band / bands, 1 - (band - 1) / bands
+    return f"Quantiles {low:.2f}-{high:.2f} of its activations (a random sample)"
 
 
 def unembed(base: BaseModel) -> nn.Module | None:
@@ -559,16 +571,20 @@ class Explorer:
             0, enc.top_indices[selected].flatten(), enc.top_acts[selected].flatten(), "amax"
         )
 
+    def stats(self, layer: int) -> FeatureStats | None:
+        """The layer's feature statistics, None without."""
+        return self.features.get(self.check_layer(layer))
+
     def rare(self, layer: int) -> Tensor | None:
         """[d_sae] bool: the features firing on less than RARE of the training positions (None
         without feature statistics)."""
-        stats = self.features.get(self.check_layer(layer))
+        stats = self.stats(layer)
         return None if stats is None else stats.frequency < RARE
 
     def default_feature(self, layer: int) -> int:
         """The feature a page opens on: the most frequent one among those firing on less than
         RARE of the training positions (feature 0 without statistics or without such a one)."""
-        rare, stats = self.rare(layer), self.features.get(layer)
+        rare, stats = self.rare(layer), self.stats(layer)
         if stats is None or not bool((rare & (stats.frequency > 0)).any()):
             return 0
         return int(stats.frequency.masked_fill(~rare, -1.0).argmax())
@@ -622,7 +638,7 @@ class Explorer:
         """The features whose stored training examples are on the token `text`: largest
         activation on it first, then the most such examples; at most SEARCH_ROWS."""
         ids = torch.tensor(self.token_ids(text))
-        stats = self.features.get(self.check_layer(layer))
+        stats = self.stats(layer)
         if stats is None:
             raise InputError(
                 f"Layer {layer} has no feature statistics (features.safetensors) to search; "
@@ -701,27 +717,59 @@ class Explorer:
         return Example(activation, pieces, kept.index(centre), [bool(masked[i]) for i in kept], t)
 
     def examples(self, layer: int, feature: int) -> list[Band]:
-        """The feature's training examples by activation band ([] without statistics)."""
-        stats = self.features.get(self.check_layer(layer))
+        """The feature's training examples by activation band ([] without statistics); a
+        version 1 file has only the top band, its ids the corrupted input."""
+        stats = self.stats(layer)
         if stats is None:
             return []
+        feature, w, mask = self.check_feature(layer, feature), stats.window, self.base.mask_token_id
+        values, ids = stats.example_values[feature], stats.example_ids[feature].long()
+        out = []
+        for band in range(len(values)):
+            found = []
+            for slot in (values[band] > 0).nonzero().flatten().tolist():
+                window = ids[band, slot]
+                if stats.example_masked is not None:
+                    masked = stats.example_masked[feature, band, slot]
+                else:  # version 1: the mask token in the corrupted input
+                    masked = window == (-2 if mask is None else mask)
+                t = None if stats.example_t is None else float(stats.example_t[feature, band, slot])
+                found.append(self.example(float(values[band, slot]), window, w, masked, t))
+            if found:
+                out.append(Band(band_name(band, stats.bands), found))
+        return out
+
+    def histogram(self, layer: int, feature: int) -> tuple[list[float], list[int]] | None:
+        """(bin edges, counts) of the feature's non-zero activations, trimmed to the bins from
+        its lowest to its highest; None without version 2 statistics or activations."""
+        stats = self.stats(layer)
+        if stats is None or stats.histogram is None:
+            return None
+        counts = stats.histogram[self.check_feature(layer, feature)]
+        used = counts.nonzero().flatten()
+        if not len(used):
+            return None
+        low, high = int(used[0]), int(used[-1]) + 1
+        return stats.hist_edges[low : high + 1].tolist(), counts[low:high].tolist()
+
+    def frequency_by_t(self, layer: int, feature: int) -> tuple[list[float], list[float]] | None:
+        """(masking ratio bin edges, firing share in each bin); None without version 2 stats."""
+        stats = self.stats(layer)
+        if stats is None or stats.frequency_by_t is None:
+            return None
+        shares = stats.frequency_by_t[self.check_feature(layer, feature)]
+        return stats.t_edges.tolist(), shares.tolist()
+
+    def logit_effects(self, layer: int, feature: int, lowest: bool = False) -> list[LensToken]:
+        """The stored logit effects (version 2 statistics), else the live `logit_lens`."""
+        stats = self.stats(layer)
+        if stats is None or stats.logit_top_ids is None:
+            return self.logit_lens(layer, feature, lowest=lowest)
+        side = "bottom" if lowest else "top"
         feature = self.check_feature(layer, feature)
-        w, mask, top = stats.window, self.base.mask_token_id, []
-        for value, token, ids in zip(
-            stats.top_values[feature],
-            stats.top_tokens[feature],
-            stats.top_contexts[feature],
-            strict=True,
-        ):
-            if token >= 0 and value > 0:  # v1: the corrupted input, the clean centre token
-                masked = (
-                    ids == mask if mask is not None else torch.zeros_like(ids, dtype=torch.bool)
-                )
-                masked[w] = bool(ids[w] != token)
-                clean = ids.clone()
-                clean[w] = token
-                top.append(self.example(float(value), clean, w, masked, None))
-        return [Band("top", top)] if top else []
+        ids = getattr(stats, f"logit_{side}_ids")[feature].tolist()
+        values = getattr(stats, f"logit_{side}_values")[feature].tolist()
+        return [LensToken(self.token_text(i), float(v)) for i, v in zip(ids, values, strict=True)]
 
     @torch.no_grad()
     def logit_lens(

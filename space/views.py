@@ -12,6 +12,7 @@ from urllib.parse import urlencode
 
 import pandas as pd
 from explorer import Analysis, Band, DecodeRun, Explorer, FeatureRow, LensToken, SearchHit
+from matplotlib.figure import Figure
 
 from hub_sae.diffusion import Generation
 
@@ -98,8 +99,9 @@ def feature_table(rows: list[FeatureRow]) -> pd.DataFrame:
 
 
 def examples_html(bands: list[Band]) -> str:
-    """The examples of each band as rows of clean text: the analysed position in a <mark>, the
-    other masked positions in <u class="masked">; every token escaped (corpus text is untrusted)."""
+    """The examples of each band as rows of clean text: the analysed position in a <mark>, masked
+    positions of class "masked" (the others in a <u>); every token escaped (corpus text is
+    untrusted)."""
     if not bands:
         return "<p>No training examples: this suite has no feature statistics for the layer.</p>"
     out = []
@@ -112,7 +114,7 @@ def examples_html(bands: list[Band]) -> str:
                 lead = piece[: len(piece) - len(piece.lstrip())]
                 word = html.escape(piece.strip() or piece)
                 if i == ex.centre:
-                    word = f"<mark class='centre'>{word}</mark>"
+                    word = f"<mark class='centre{' masked' if masked else ''}'>{word}</mark>"
                 elif masked:
                     word = f"<u class='masked'>{word}</u>"
                 text.append(html.escape(lead) + word)
@@ -120,6 +122,37 @@ def examples_html(bands: list[Band]) -> str:
             out.append(f"<tr><td>{ex.activation:.3f}</td><td>{t}</td><td>{''.join(text)}</td></tr>")
         out.append("</table>")
     return "".join(out)
+
+
+def bars(edges: list[float], heights: list[float], xlabel: str, ylabel: str, log: bool) -> Figure:
+    """A small bar chart over the bins [edges[i], edges[i + 1]) (a log x axis when `log`)."""
+    fig = Figure(figsize=(5.2, 2.6), layout="constrained")
+    ax = fig.add_subplot()
+    ax.stairs(heights, edges, fill=True, color="#e8710a")
+    if log:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    return fig
+
+
+def histogram_plot(explorer: Explorer, layer: int, feature: int) -> Figure | None:
+    """The feature's activation histogram (log-spaced bins), None without one."""
+    found = explorer.histogram(layer, feature)
+    if found is None:
+        return None
+    return bars(*found, "activation (log-spaced bins)", "positions", log=True)
+
+
+def frequency_plot(explorer: Explorer, layer: int, feature: int) -> Figure | None:
+    """The feature's firing frequency (%) by masking ratio t, None without it."""
+    found = explorer.frequency_by_t(layer, feature)
+    if found is None:
+        return None
+    edges, shares = found
+    return bars(
+        edges, [100 * s for s in shares], "masking ratio t of the sequence", "fires on %", log=False
+    )
 
 
 def search_table(hits: list[SearchHit]) -> pd.DataFrame:
@@ -158,7 +191,24 @@ def feature_summary(explorer: Explorer, analysis: Analysis, layer: int, feature:
     else:
         lines.append(
             f"Fires on **{100 * float(stats.frequency[feature]):.3f} %** of {stats.tokens:,} "
-            f"`{explorer.policy}`-policy training positions."
+            f"`{explorer.policy}`-policy training positions"
+            + (
+                "."
+                if stats.mean_activation is None
+                else f", with mean activation **{float(stats.mean_activation[feature]):.3f}** there."
+            )
+        )
+    if stats is not None and stats.frequency_masked is not None:
+        lines.append(
+            f"On every masked position: **{100 * float(stats.frequency_masked[feature]):.3f} %** "
+            f"of {stats.positions_masked:,}; on every unmasked one (BOS aside): "
+            f"**{100 * float(stats.frequency_unmasked[feature]):.3f} %** of "
+            f"{stats.positions_unmasked:,}."
+        )
+    elif stats is not None:
+        lines.append(
+            "These are version 1 statistics (no histogram, bands or split by masking ratio; "
+            "contexts show the corrupted input): regenerate them with `hub-sae features SUITE`."
         )
     peak = explorer.peak_position(analysis, layer, feature)
     value = float(explorer.feature_acts(analysis, layer, feature)[peak])
@@ -168,12 +218,17 @@ def feature_summary(explorer: Explorer, analysis: Analysis, layer: int, feature:
         if value > 0
         else "Not active on the analysed positions of this prompt."
     )
-    if explorer.head is None:
+    if stats is not None and stats.logit_top_ids is not None:
+        lines.append(
+            "Logit lens (from the statistics: head(decoder row) - head(0), head = final norm + "
+            f"LM head): the tokens this feature promotes and suppresses at {explorer.lens_position}."
+        )
+    elif explorer.head is None:
         lines.append(f"Logit lens: `{explorer.base.name}` has no LM head.")
     else:
         lines.append(
             f"Logit lens (final norm + LM head): the tokens this feature's decoder direction "
-            f"promotes at {explorer.lens_position}."
+            f"promotes and suppresses at {explorer.lens_position}."
         )
     return "\n\n".join(lines)
 
