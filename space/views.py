@@ -128,7 +128,8 @@ def bars(edges: list[float], heights: list[float], xlabel: str, ylabel: str, log
     """A small bar chart over the bins [edges[i], edges[i + 1]) (a log x axis when `log`)."""
     fig = Figure(figsize=(5.2, 2.6), layout="constrained")
     ax = fig.add_subplot()
-    ax.stairs(heights, edges, fill=True, color="#e8710a")
+    widths = [high - low for low, high in zip(edges, edges[1:], strict=False)]
+    ax.bar(edges[:-1], heights, widths, align="edge", color="#e8710a", edgecolor="white")
     if log:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)

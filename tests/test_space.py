@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "space"))
 
 import app  # noqa: E402
 import views  # noqa: E402
-from explorer import LLADA_SUITE, Explorer, default_suite  # noqa: E402
+from explorer import LLADA_SUITE, Band, Example, Explorer, InputError, default_suite  # noqa: E402
 
 from hub_sae.activations import capture  # noqa: E402
 from hub_sae.diffusion import (  # noqa: E402
@@ -100,7 +100,7 @@ def test_random_masking_is_seeded_and_never_masks_bos(explorer):
 
 def test_heat_map_is_normalised_and_greys_unanalysed_tokens(explorer):
     analysis = explorer.analyse(PROMPT, 0.3, 1)
-    feature = explorer.default_feature(analysis, 3)
+    feature = explorer.prompt_feature(analysis, 3)
     heat = views.heat_map(explorer, analysis, 3, feature)
     selected = analysis.prompt.selected.tolist()
     assert [score is not None for _, score in heat] == selected
@@ -124,26 +124,124 @@ def test_token_table_matches_sae_encode(explorer):
     assert table["frequency %"].notna().all()
 
 
-def test_analyse_handler_defaults_to_the_most_active_feature(explorer):
-    info, position, table, feature, heat, summary, contexts, lens = app.analyse(
+def test_analyse_handler_defaults_to_the_strongest_rare_feature(explorer):
+    info, position, table, feature, heat, summary, link, *_, promoted, suppressed = app.analyse(
         explorer, PROMPT, 3, 0.0, 0
     )
     analysis = explorer.analyse(PROMPT, 0.0, 0)
-    assert feature == int(explorer.strongest(analysis, 3).argmax())
+    strongest, frequency = explorer.strongest(analysis, 3), explorer.features[3].frequency
+    rare = [f for f in range(len(frequency)) if frequency[f] < 0.01 and strongest[f] > 0]
+    assert rare and feature == max(rare, key=lambda f: strongest[f])
     assert dict(heat)  # tokens present
     assert max(s for _, s in heat if s is not None) == 1.0
     assert position.value in masked_positions(explorer, PROMPT)
     assert feature in set(table["feature"]) and "2 analysed" in info
     assert f"Feature {feature}" in summary and "Fires on" in summary and "no LM head" not in summary
-    assert len(lens) == 10 and (contexts.empty or contexts["context"].str.contains("⟦").all())
+    assert len(promoted) == len(suppressed) == 10
+    assert promoted["logit"].is_monotonic_decreasing and suppressed["logit"].is_monotonic_increasing
+    assert link == views.feature_link(explorer, 3, feature) and f"feature={feature}" in link
 
 
-def test_contexts_mark_the_centre_token(explorer):
-    stats = explorer.features[3]
-    feature = int(stats.frequency.argmax())
-    contexts = views.contexts_table(explorer.contexts(3, feature))
-    assert len(contexts) == int((stats.top_tokens[feature] >= 0).sum()) > 0
-    assert contexts["context"].str.count("⟦").eq(1).all()
+def test_default_feature_is_the_most_frequent_rare_one(explorer):
+    frequency = explorer.features[3].frequency.tolist()
+    rare = [f for f, share in enumerate(frequency) if 0 < share < 0.01]
+    expected = max(rare, key=lambda f: (frequency[f], -f))
+    assert explorer.default_feature(3) == expected
+    assert explorer.default_feature(3) != max(range(len(frequency)), key=frequency.__getitem__)
+
+
+def test_a_link_opens_its_layer_k_and_feature_and_names_a_bad_one(explorer):
+    assert explorer.open_link({"layer": "1", "k": "8", "feature": "5"}) == (1, 5)
+    assert explorer.open_link({}) == (3, explorer.default_feature(3))
+    for params, message in [
+        ({"layer": "2"}, r"No SAE for layer 2; this suite has layers \[1, 3\]"),
+        ({"layer": "x"}, "The link's layer must be a whole number between 0 and 3; got 'x'"),
+        ({"feature": "768"}, "The link's feature must be a whole number between 0 and 767"),
+        ({"feature": "nan"}, "The link's feature must be a whole number"),
+        ({"k": "4"}, "The link asks for k = 4; this Space serves the k = 8 SAEs .* --k 4"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            explorer.open_link(params)
+    layer, info, *_, feature, heat, summary, link, histogram, by_t, examples, _, _ = app.open_link(
+        explorer, PROMPT, 0.0, 0, {"layer": "1", "feature": "<b>1e9"}
+    )
+    assert "The link's feature must be a whole number" in info and "2 analysed" in info
+    assert (layer, feature) == (3, explorer.default_feature(3))
+    assert summary.startswith(f"### Feature {feature} · layer 3") and histogram is not None
+    shown = app.open_link(explorer, PROMPT, 0.0, 0, {"layer": "1", "k": "8", "feature": "7"})
+    assert (shown[0], shown[4]) == (1, 7) and shown[7].count("?layer=1&k=8&feature=7") == 2
+
+
+def test_feature_page_shows_v2_statistics_on_clean_text(explorer, trained_suite):
+    stats, feature = explorer.features[3], explorer.default_feature(3)
+    assert stats.version == 2 and stats.bands > 1
+    edges, counts = explorer.histogram(3, feature)
+    assert sum(counts) == int(stats.histogram[feature].sum()) > 0 and len(edges) == len(counts) + 1
+    t_edges, shares = explorer.frequency_by_t(3, feature)
+    assert shares == stats.frequency_by_t[feature].tolist() and t_edges[0] < t_edges[-1]
+    bands = explorer.examples(3, feature)
+    assert bands[0].name == "Top activations" and len(bands) == 1 + stats.bands
+    tokenizer, w = explorer.base.tokenizer, stats.window
+    for b, band in enumerate(bands):
+        for example, value, ids, masked in zip(
+            band.examples,
+            stats.example_values[feature, b],
+            stats.example_ids[feature, b],
+            stats.example_masked[feature, b],
+            strict=False,
+        ):
+            kept = [i for i in ids.tolist() if i >= 0]
+            assert "".join(example.pieces) == tokenizer.decode(kept)  # the clean text
+            assert example.activation == float(value) and "[MASK]" not in example.pieces
+            assert example.pieces[example.centre] == explorer.pieces(kept)[ids[:w].ge(0).sum()]
+            assert example.masked == [bool(m) for m, i in zip(masked, ids, strict=True) if i >= 0]
+    page = views.examples_html(bands)
+    assert page.count("<mark class='centre") == sum(len(band.examples) for band in bands)
+    assert page.count("class='masked'") + page.count("centre masked") == sum(
+        sum(e.masked) for band in bands for e in band.examples
+    )
+    promoted = explorer.logit_effects(3, feature)
+    assert [t.token for t in promoted] == [
+        explorer.token_text(i) for i in stats.logit_top_ids[feature]
+    ]
+    summary = views.feature_summary(explorer, explorer.analyse(PROMPT, 0.0, 0), 3, feature)
+    assert f"mean activation **{float(stats.mean_activation[feature]):.3f}**" in summary
+    assert f"{100 * float(stats.frequency_masked[feature]):.3f} %** of" in summary
+
+
+def test_examples_escape_their_text(explorer):
+    hostile = Example(
+        1.0, ["<script>alert(1)</script>", " a&b", " <i>"], 1, [True, False, True], 0.3
+    )
+    page = views.examples_html([Band("<b>band</b>", [hostile])])
+    assert "<script>" not in page and "<i>" not in page and "<b>band" not in page
+    assert "&lt;script&gt;" in page and "<mark class='centre'>a&amp;b</mark>" in page
+    assert "<u class='masked'>&lt;i&gt;</u>" in page and "<td>0.30</td>" in page
+
+
+def test_search_by_token_and_by_text(explorer):
+    stats, feature = explorer.features[3], explorer.default_feature(3)
+    token = int(stats.example_ids[feature, 0, 0, stats.window])
+    hits = explorer.search_token(3, explorer.token_text(token))
+    ids = stats.example_ids[..., stats.window].long().flatten(1)
+    values = stats.example_values.flatten(1)
+    on = [(float(values[f][ids[f] == token].max()), int((ids[f] == token).sum()), f)
+          for f in range(len(ids)) if (ids[f] == token).any()]  # fmt: skip
+    expected = sorted(on, key=lambda hit: (-hit[0], -hit[1], hit[2]))[:20]
+    assert [(h.activation, h.count, h.feature) for h in hits] == expected
+    assert feature in [h.feature for h in hits] or len(hits) == 20
+    text = app.search(explorer, PROMPT, "text", 1, 0.0, 0)
+    analysis = explorer.analyse(PROMPT, 0.0, 0)
+    for row in text.itertuples():
+        acts = explorer.feature_acts(analysis, 1, row.feature)
+        assert row.activation == round(float(acts.max()), 4) and row.count == int((acts > 0).sum())
+    assert list(text["activation"]) == sorted(text["activation"], reverse=True) and len(text)
+    with pytest.raises(gr.Error, match="Type a token to search for"):
+        app.search(explorer, "  ", "token", 3, 0.0, 0)
+    with pytest.raises(gr.Error, match=r"'interpretability' is \d tokens for this tokenizer"):
+        app.search(explorer, "interpretability", "token", 3, 0.0, 0)
+    with pytest.raises(gr.Error, match=r"Type \[MASK\]"):
+        app.search(explorer, "no masks here", "text", 3, 0.0, 0)
 
 
 def test_prompt_too_long_is_a_gradio_error(explorer):
@@ -310,8 +408,12 @@ def test_default_is_the_published_llada_release(llada, tmp_path, monkeypatch):
 
 def test_llada_handlers_decode_and_show_the_logit_lens(llada):
     text = llada_prompt(3)
-    *_, heat, summary, contexts, lens = app.analyse(llada, text, 1, 0.0, 0)
-    assert len(lens) == 10 and "No feature statistics" in summary and contexts.empty
+    *_, heat, summary, _, histogram, by_t, examples, promoted, suppressed = app.analyse(
+        llada, text, 1, 0.0, 0
+    )
+    assert len(promoted) == len(suppressed) == 10 and "No feature statistics" in summary
+    assert histogram is None and by_t is None and "no feature statistics" in examples
+    assert promoted["logit"].min() > suppressed["logit"].max()  # the live lens, both ends
     assert [s is not None for _, s in heat] == [False, False, False, True, True, True] + [False] * 3
     plain, steered, summary, plain_frame, steered_frame = app.decode(
         llada, text, 2, 0.0, 0, 3, 5, 1e4, "clamp", 1.0, "masked"
@@ -341,7 +443,7 @@ def server(explorer):
 
 def test_api_analyse_feature_and_token(server, explorer):
     client = Client(server, verbose=False)
-    info, position, table, feature, heat, summary, contexts, lens = client.predict(
+    info, position, table, feature, heat, summary, *_ = client.predict(
         PROMPT, 3, 0.0, 0, api_name="/analyze"
     )
     assert "2 analysed" in info and position["value"] in masked_positions(explorer, PROMPT)
@@ -574,12 +676,12 @@ def test_chat_box_appends_masked_answer_tokens_after_the_chat_prompt(dream, llad
 
 def test_autoregressive_model_explores_clean_text_and_refuses_to_decode(qwen):
     text = "Return the value of the named attribute."
-    info, position, table, feature, heat, summary, contexts, lens = app.analyse(
+    info, position, table, feature, heat, summary, *_, promoted, _ = app.analyse(
         qwen, text, 1, 0.0, 0
     )
     assert qwen.base.family == "ar" and qwen.policy == "clean" and len(heat) > 5
     assert [score is not None for _, score in heat] == [False] + [True] * (len(heat) - 1)
-    assert f"{len(heat) - 1} analysed" in info and len(lens) == 10
+    assert f"{len(heat) - 1} analysed" in info and len(promoted) == 10
     with pytest.raises(gr.Error, match="no mask token, so its SAEs read clean text only. Set the"):
         app.analyse(qwen, text, 1, 0.5, 0)
     with pytest.raises(gr.Error, match=r"autoregressive model \(family ar\): it has no mask token"):

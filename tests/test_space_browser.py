@@ -1,8 +1,11 @@
 """The Space in headless Chromium: type a prompt, analyse it, find the heat map, decode it, click
-a cell of the decode timeline, and decode again with the other sampler.
+a cell of the decode timeline, and decode again with the other sampler; open a feature page by its
+link and search a token.
 
 Needs Debian's `chromium` (/usr/bin/chromium) and the `playwright` Python package. Set
-SPACE_SCREENSHOT=1 to also save the pages to space/screenshot.png and space/timeline.png.
+SPACE_SCREENSHOT=1 to also save the pages to space/screenshot.png, space/timeline.png and
+docs/feature-page.png; SPACE_SUITE=FOLDER serves that suite instead of the tiny trained one (the
+README's screenshots are of the default suite).
 """
 
 import os
@@ -26,12 +29,20 @@ PROMPT = (
 
 
 @pytest.fixture(scope="module")
-def url(trained_suite):
+def explorer(request):
+    from explorer import Explorer
+
+    suite = os.environ.get("SPACE_SUITE") or str(request.getfixturevalue("trained_suite"))
+    return Explorer.load(suite, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def url(explorer):
     import app
 
     from tests.test_space import free_port
 
-    demo = app.build_app(str(trained_suite))
+    demo = app.build_app(explorer)
     demo.launch(
         server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, css=app.CSS
     )
@@ -88,4 +99,49 @@ def test_page_analyses_a_typed_prompt(url):
         expect(page.get_by_text("Decoded with Dream's diffusion_generate")).to_be_visible(
             timeout=60_000
         )
+        browser.close()
+
+
+def test_a_link_opens_a_feature_page(url, explorer):
+    """Histogram, quantile examples on clean text with the masked positions marked, frequency by
+    t; then a token search whose result, clicked, becomes the page and the address bar's link."""
+    from playwright.sync_api import expect, sync_playwright
+
+    layer = explorer.layers[0]
+    stats = explorer.features[layer]
+    feature = explorer.default_feature(layer)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(headless=True, executable_path=CHROMIUM)
+        page = browser.new_page(viewport={"width": 1280, "height": 1400})
+        page.goto(f"{url}?layer={layer}&k={explorer.k}&feature={feature}")
+        expect(page.locator("h3", has_text=f"Feature {feature} · layer {layer}")).to_be_visible(
+            timeout=60_000
+        )
+        for plot in ("#histogram", "#frequency-by-t"):
+            expect(page.locator(f"{plot} img, {plot} svg").first).to_be_visible()
+        examples = page.locator("#examples")
+        expect(examples.get_by_text("Quantiles 0.00-0.25 of its activations")).to_be_visible()
+        assert examples.locator("mark.centre").count() == int(
+            (stats.example_values[feature] > 0).sum()
+        )
+        assert examples.locator(".masked").count() > examples.locator("mark.centre").count()
+        assert "[MASK]" not in examples.inner_text()  # clean text
+        expect(
+            page.get_by_text(f"?layer={layer}&k={explorer.k}&feature={feature}").first
+        ).to_be_visible()
+        if os.environ.get("SPACE_SCREENSHOT"):
+            page.screenshot(path=str(ROOT / "docs" / "feature-page.png"), full_page=True)
+
+        centres = stats.example_ids[..., stats.window].flatten()
+        token = int(centres[centres >= 0].mode().values)  # on the examples of many features
+        page.get_by_text("Search features").click()
+        page.get_by_label("Token or text").fill(explorer.token_text(token))
+        page.get_by_role("button", name="Search", exact=True).click()
+        found = page.get_by_role("grid", name="Features found (click one)")
+        cell = found.get_by_role("gridcell").nth(4)  # the second row's feature
+        expect(cell).to_be_visible(timeout=30_000)
+        other = cell.inner_text().strip()
+        cell.click()
+        expect(page.locator("h3", has_text=f"Feature {other} · layer {layer}")).to_be_visible()
+        expect(page).to_have_url(f"{url}?layer={layer}&k={explorer.k}&feature={other}")
         browser.close()
