@@ -131,12 +131,17 @@ def show_feature(
         views.heat_map(explorer, analysis, layer, feature),
         views.feature_summary(explorer, analysis, layer, feature),
         views.feature_link(explorer, layer, feature),
-        views.histogram_plot(explorer, layer, feature),
-        views.frequency_plot(explorer, layer, feature),
+        bars(views.histogram_frame(explorer, layer, feature)),
+        bars(views.frequency_frame(explorer, layer, feature)),
         views.examples_html(explorer.examples(layer, feature)),
         views.lens_table(explorer.logit_effects(layer, feature)),
         views.lens_table(explorer.logit_effects(layer, feature, lowest=True)),
     )
+
+
+def bars(frame: pd.DataFrame | None) -> gr.BarPlot:
+    """A bar chart's new data, its bars in the frame's order (drawn in the browser)."""
+    return gr.BarPlot(frame, sort=None if frame is None else list(frame.iloc[:, 0]))
 
 
 @user_errors
@@ -279,8 +284,19 @@ def explore_tab(explorer: Explorer, inputs: list[gr.Component], demo: gr.Blocks)
             find = gr.Button("Search", scale=1)
         found = gr.Dataframe(label="Features found (click one)", interactive=False)
     with gr.Row():
-        histogram = gr.Plot(label="Activation histogram", elem_id="histogram")
-        by_t = gr.Plot(label="Firing frequency by masking ratio t", elem_id="frequency-by-t")
+        histogram = gr.BarPlot(
+            x=views.HISTOGRAM[0],
+            y=views.HISTOGRAM[1],
+            label="Activation histogram (fixed log-spaced bins)",
+            x_label_angle=-45,
+            elem_id="histogram",
+        )
+        by_t = gr.BarPlot(
+            x=views.BY_T[0],
+            y=views.BY_T[1],
+            label="Firing frequency by the masking ratio t of the sequence",
+            elem_id="frequency-by-t",
+        )
     examples = gr.HTML(label="Training examples by activation band", elem_id="examples")
     with gr.Row():
         promoted = gr.Dataframe(label=views.lens_label(explorer), interactive=False)

@@ -713,8 +713,10 @@ class Explorer:
                 window = ids[band, slot]
                 if stats.example_masked is not None:
                     masked = stats.example_masked[feature, band, slot]
+                elif mask is None:
+                    masked = torch.zeros_like(window, dtype=torch.bool)
                 else:  # version 1: the mask token in the corrupted input
-                    masked = window == (-2 if mask is None else mask)
+                    masked = window == mask
                 t = None if stats.example_t is None else float(stats.example_t[feature, band, slot])
                 found.append(self.example(float(values[band, slot]), window, w, masked, t))
             if found:

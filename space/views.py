@@ -12,7 +12,6 @@ from urllib.parse import urlencode
 
 import pandas as pd
 from explorer import Analysis, Band, DecodeRun, Explorer, FeatureRow, LensToken, SearchHit
-from matplotlib.figure import Figure
 
 from hub_sae.diffusion import Generation
 
@@ -23,6 +22,9 @@ SEARCH_HELP = (
     "**text**: the text is analysed as a prompt (typed mask tokens and the random ratio above; "
     "the suite's policy picks the positions); count = analysed positions it fires on."
 )
+HISTOGRAM = ("activation", "positions")
+BY_T = ("masking ratio t", "fires on %")
+"""The columns (x, y) of the two bar charts."""
 HeatMap = list[tuple[str, float | str | None]]
 """HighlightedText pairs: each position's text with its score (or label), None to grey it out."""
 
@@ -124,36 +126,25 @@ def examples_html(bands: list[Band]) -> str:
     return "".join(out)
 
 
-def bars(edges: list[float], heights: list[float], xlabel: str, ylabel: str, log: bool) -> Figure:
-    """A small bar chart over the bins [edges[i], edges[i + 1]) (a log x axis when `log`)."""
-    fig = Figure(figsize=(5.2, 2.6), layout="constrained")
-    ax = fig.add_subplot()
-    widths = [high - low for low, high in zip(edges, edges[1:], strict=False)]
-    ax.bar(edges[:-1], heights, widths, align="edge", color="#e8710a", edgecolor="white")
-    if log:
-        ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    return fig
-
-
-def histogram_plot(explorer: Explorer, layer: int, feature: int) -> Figure | None:
-    """The feature's activation histogram (log-spaced bins), None without one."""
+def histogram_frame(explorer: Explorer, layer: int, feature: int) -> pd.DataFrame | None:
+    """The feature's activation histogram (fixed log-spaced bins, labelled by their range), None
+    without one."""
     found = explorer.histogram(layer, feature)
     if found is None:
         return None
-    return bars(*found, "activation (log-spaced bins)", "positions", log=True)
+    edges, counts = found
+    labels = [f"{low:.3g}-{high:.3g}" for low, high in zip(edges, edges[1:], strict=False)]
+    return pd.DataFrame({HISTOGRAM[0]: labels, HISTOGRAM[1]: counts})
 
 
-def frequency_plot(explorer: Explorer, layer: int, feature: int) -> Figure | None:
-    """The feature's firing frequency (%) by masking ratio t, None without it."""
+def frequency_frame(explorer: Explorer, layer: int, feature: int) -> pd.DataFrame | None:
+    """The feature's firing frequency (%) by the masking ratio t of the sequence, None without."""
     found = explorer.frequency_by_t(layer, feature)
     if found is None:
         return None
     edges, shares = found
-    return bars(
-        edges, [100 * s for s in shares], "masking ratio t of the sequence", "fires on %", log=False
-    )
+    labels = [f"{low:.2f}-{high:.2f}" for low, high in zip(edges, edges[1:], strict=False)]
+    return pd.DataFrame({BY_T[0]: labels, BY_T[1]: [round(100 * s, 4) for s in shares]})
 
 
 def search_table(hits: list[SearchHit]) -> pd.DataFrame:

@@ -57,10 +57,11 @@ def test_page_analyses_a_typed_prompt(url):
         browser = p.chromium.launch(headless=True, executable_path=CHROMIUM)
         page = browser.new_page(viewport={"width": 1280, "height": 1100})
         page.goto(url)
+        expect(page.locator("#link")).to_contain_text("feature=", timeout=60_000)  # page loaded
         page.get_by_label("Prompt", exact=False).fill(PROMPT)
         page.get_by_role("button", name="Analyse").click()
+        expect(page.locator("#heatmap")).to_contain_text("continue", timeout=30_000)
         heat = page.locator("#heatmap .score-token")
-        expect(heat.first).to_be_visible(timeout=30_000)
         tokens = heat.all_inner_texts()
         masks = [i for i, t in enumerate(tokens) if "[MASK]" in t]
         assert tokens[0].strip() == "[CLS]" and len(masks) == 2
@@ -107,7 +108,7 @@ def test_a_link_opens_a_feature_page(url, explorer):
     t; then a token search whose result, clicked, becomes the page and the address bar's link."""
     from playwright.sync_api import expect, sync_playwright
 
-    layer = explorer.layers[0]
+    layer = explorer.default_layer
     stats = explorer.features[layer]
     feature = explorer.default_feature(layer)
     with sync_playwright() as p:
@@ -117,8 +118,8 @@ def test_a_link_opens_a_feature_page(url, explorer):
         expect(page.locator("h3", has_text=f"Feature {feature} · layer {layer}")).to_be_visible(
             timeout=60_000
         )
-        for plot in ("#histogram", "#frequency-by-t"):
-            expect(page.locator(f"{plot} img, {plot} svg").first).to_be_visible()
+        for plot in ("#histogram", "#frequency-by-t"):  # drawn by vega in the browser
+            expect(page.locator(f"{plot} canvas, {plot} svg.marks").first).to_be_visible()
         examples = page.locator("#examples")
         expect(examples.get_by_text("Quantiles 0.00-0.25 of its activations")).to_be_visible()
         assert examples.locator("mark.centre").count() == int(
