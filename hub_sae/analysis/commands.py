@@ -44,6 +44,16 @@ def add_analyses(analyze: argparse.ArgumentParser) -> None:
     order.add_argument("suite", help="suite folder or hub repo id")
     order.add_argument("--layer", type=int, help="layer to trace (default: the suite's default)")
     _decoding(order)
+    order.add_argument(
+        "--block-length",
+        type=positive_int,
+        help="LLaDA's block length, dividing --gen-length (default: one block, as Dream's)",
+    )
+    order.add_argument(
+        "--top",
+        type=positive_int,
+        help="features recorded per position and step, the sets compared (default: the SAEs' k)",
+    )
     _common(order)
 
     steer = commands.add_parser(
