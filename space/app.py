@@ -131,17 +131,12 @@ def show_feature(
         views.heat_map(explorer, analysis, layer, feature),
         views.feature_summary(explorer, analysis, layer, feature),
         views.feature_link(explorer, layer, feature),
-        bars(views.histogram_frame(explorer, layer, feature)),
-        bars(views.frequency_frame(explorer, layer, feature)),
+        views.histogram_frame(explorer, layer, feature),
+        views.frequency_frame(explorer, layer, feature),
         views.examples_html(explorer.examples(layer, feature)),
         views.lens_table(explorer.logit_effects(layer, feature)),
         views.lens_table(explorer.logit_effects(layer, feature, lowest=True)),
     )
-
-
-def bars(frame: pd.DataFrame | None) -> gr.BarPlot:
-    """A bar chart's new data, its bars in the frame's order (drawn in the browser)."""
-    return gr.BarPlot(frame, sort=None if frame is None else list(frame.iloc[:, 0]))
 
 
 @user_errors
@@ -288,13 +283,14 @@ def explore_tab(explorer: Explorer, inputs: list[gr.Component], demo: gr.Blocks)
             x=views.HISTOGRAM[0],
             y=views.HISTOGRAM[1],
             label="Activation histogram (fixed log-spaced bins)",
-            x_label_angle=-45,
+            x_label_angle=-60,
             elem_id="histogram",
         )
         by_t = gr.BarPlot(
             x=views.BY_T[0],
             y=views.BY_T[1],
             label="Firing frequency by the masking ratio t of the sequence",
+            sort=views.T_LABELS,
             elem_id="frequency-by-t",
         )
     examples = gr.HTML(label="Training examples by activation band", elem_id="examples")

@@ -18,7 +18,7 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
@@ -724,17 +724,28 @@ class Explorer:
         return out
 
     def histogram(self, layer: int, feature: int) -> tuple[list[float], list[int]] | None:
-        """(bin edges, counts) of the feature's non-zero activations, trimmed to the bins from
-        its lowest to its highest; None without version 2 statistics or activations."""
+        """(bin edges, counts) of the feature's non-zero activations over `hist_bins`; None without
+        version 2 statistics or activations."""
         stats = self.stats(layer)
         if stats is None or stats.histogram is None:
             return None
         counts = stats.histogram[self.check_feature(layer, feature)]
-        used = counts.nonzero().flatten()
-        if not len(used):
+        if not counts.any():
             return None
-        low, high = int(used[0]), int(used[-1]) + 1
+        low, high = self.hist_bins
         return stats.hist_edges[low : high + 1].tolist(), counts[low:high].tolist()
+
+    @cached_property
+    def hist_bins(self) -> tuple[int, int]:
+        """The histogram bins [low, high) from the lowest to the highest used by any feature of
+        any layer: every histogram spans them, so the browser's chart keeps one axis."""
+        used = [
+            stats.histogram.sum(0).nonzero().flatten()
+            for stats in self.features.values()
+            if stats is not None and stats.histogram is not None
+        ]
+        used = [bins for bins in used if len(bins)]
+        return int(min(b[0] for b in used)), int(max(b[-1] for b in used)) + 1
 
     def frequency_by_t(self, layer: int, feature: int) -> tuple[list[float], list[float]] | None:
         """(masking ratio bin edges, firing share in each bin); None without version 2 stats."""

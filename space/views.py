@@ -14,6 +14,7 @@ import pandas as pd
 from explorer import Analysis, Band, DecodeRun, Explorer, FeatureRow, LensToken, SearchHit
 
 from hub_sae.diffusion import Generation
+from hub_sae.evaluate import T_BINS
 
 SEARCH_HELP = (
     "A feature *fires most* on what you search when its largest activation there is the largest "
@@ -22,7 +23,7 @@ SEARCH_HELP = (
     "**text**: the text is analysed as a prompt (typed mask tokens and the random ratio above; "
     "the suite's policy picks the positions); count = analysed positions it fires on."
 )
-HISTOGRAM = ("activation", "positions")
+HISTOGRAM = ("activation from", "positions")
 BY_T = ("masking ratio t", "fires on %")
 """The columns (x, y) of the two bar charts."""
 HeatMap = list[tuple[str, float | str | None]]
@@ -126,15 +127,23 @@ def examples_html(bands: list[Band]) -> str:
     return "".join(out)
 
 
+def bin_labels(edges: list[float], digits: str) -> list[str]:
+    """ "low-high" for each bin between consecutive `edges`."""
+    return [f"{low:{digits}}-{high:{digits}}" for low, high in zip(edges, edges[1:], strict=False)]
+
+
+T_LABELS = bin_labels([T_BINS[0][0], *(high for _, high in T_BINS)], ".2f")
+"""The masking ratio bins' labels in axis order (the browser would sort them as text)."""
+
+
 def histogram_frame(explorer: Explorer, layer: int, feature: int) -> pd.DataFrame | None:
-    """The feature's activation histogram (fixed log-spaced bins, labelled by their range), None
-    without one."""
+    """The feature's activation histogram: positions per fixed log-spaced bin, labelled by its lower
+    edge padded to one width (the browser sorts labels as text); None without one."""
     found = explorer.histogram(layer, feature)
     if found is None:
         return None
     edges, counts = found
-    labels = [f"{low:.3g}-{high:.3g}" for low, high in zip(edges, edges[1:], strict=False)]
-    return pd.DataFrame({HISTOGRAM[0]: labels, HISTOGRAM[1]: counts})
+    return pd.DataFrame({HISTOGRAM[0]: [f"{low:9.4f}" for low in edges[:-1]], HISTOGRAM[1]: counts})
 
 
 def frequency_frame(explorer: Explorer, layer: int, feature: int) -> pd.DataFrame | None:
@@ -143,8 +152,9 @@ def frequency_frame(explorer: Explorer, layer: int, feature: int) -> pd.DataFram
     if found is None:
         return None
     edges, shares = found
-    labels = [f"{low:.2f}-{high:.2f}" for low, high in zip(edges, edges[1:], strict=False)]
-    return pd.DataFrame({BY_T[0]: labels, BY_T[1]: [round(100 * s, 4) for s in shares]})
+    return pd.DataFrame(
+        {BY_T[0]: bin_labels(edges, ".2f"), BY_T[1]: [round(100 * s, 4) for s in shares]}
+    )
 
 
 def search_table(hits: list[SearchHit]) -> pd.DataFrame:

@@ -9,6 +9,7 @@ README's screenshots are of the default suite).
 """
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.skipif(
     reason=f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)",
 )
 
+X_AXIS = "g[aria-label^='X-axis'] .role-axis-label text"
 PROMPT = (
     "The [MASK] statement is used to leave a loop early, and continue skips to the next [MASK]."
 )
@@ -103,9 +105,15 @@ def test_page_analyses_a_typed_prompt(url):
         browser.close()
 
 
+def bin_labels(frame) -> list[str]:
+    """A histogram's x-axis labels as the browser shows them."""
+    return [label.strip() for label in frame["activation from"]]
+
+
 def test_a_link_opens_a_feature_page(url, explorer):
     """Histogram, quantile examples on clean text with the masked positions marked, frequency by
     t; then a token search whose result, clicked, becomes the page and the address bar's link."""
+    import views
     from playwright.sync_api import expect, sync_playwright
 
     layer = explorer.default_layer
@@ -118,8 +126,9 @@ def test_a_link_opens_a_feature_page(url, explorer):
         expect(page.locator("h3", has_text=f"Feature {feature} · layer {layer}")).to_be_visible(
             timeout=60_000
         )
-        for plot in ("#histogram", "#frequency-by-t"):  # drawn by vega in the browser
-            expect(page.locator(f"{plot} canvas, {plot} svg.marks").first).to_be_visible()
+        bins = page.locator(f"#histogram {X_AXIS}")  # drawn by vega in the browser
+        expect(bins).to_have_text(bin_labels(views.histogram_frame(explorer, layer, feature)))
+        expect(page.locator(f"#frequency-by-t {X_AXIS}")).to_have_text(views.T_LABELS)
         examples = page.locator("#examples")
         expect(examples.get_by_text("Quantiles 0.00-0.25 of its activations")).to_be_visible()
         assert examples.locator("mark.centre").count() == int(
@@ -144,5 +153,11 @@ def test_a_link_opens_a_feature_page(url, explorer):
         other = cell.inner_text().strip()
         cell.click()
         expect(page.locator("h3", has_text=f"Feature {other} · layer {layer}")).to_be_visible()
+        counts = views.histogram_frame(explorer, layer, int(other))["positions"]
+        bars = page.locator("#histogram .mark-rect path")
+        expect(bars.first).to_have_attribute("aria-label", re.compile(f"positions: {counts[0]}$"))
+        expect(bars.last).to_have_attribute(
+            "aria-label", re.compile(f"positions: {counts.iloc[-1]}$")
+        )
         expect(page).to_have_url(f"{url}?layer={layer}&k={explorer.k}&feature={other}")
         browser.close()
