@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from safetensors.numpy import save_file
+from safetensors.numpy import save
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -212,7 +212,7 @@ def _write_hookpoint(
     }
     for (start, end), (locations, values) in zip(edges, result.entries[key], strict=True):
         shard = {"locations": _shard(locations, start), "activations": values.numpy(), **common}
-        save_file(shard, folder / f"{start}_{end}.safetensors")
+        (folder / f"{start}_{end}.safetensors").write_bytes(save(shard))
     write_json(folder / "config.json", config)
 
 
