@@ -193,11 +193,10 @@ def scan(
             f"{data.corpus!r} ({data.split}) holds less than one batch of {data.batch_size} x "
             f"{data.ctx_len} tokens; give a larger corpus with --corpus."
         )
-    merged = {
-        key: [(torch.cat(locs), torch.cat(vals)) for locs, vals in shards]
-        for key, shards in entries.items()
-    }
-    return Scan(merged, torch.cat(tokens), torch.cat(masked), torch.cat(ratios))
+    for shards in entries.values():  # one shard's pieces at a time: never twice the entries
+        for i, (locs, vals) in enumerate(shards):
+            shards[i] = (torch.cat(locs), torch.cat(vals))
+    return Scan(entries, torch.cat(tokens), torch.cat(masked), torch.cat(ratios))
 
 
 def _write_hookpoint(
