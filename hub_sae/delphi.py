@@ -248,11 +248,12 @@ def export_delphi(
         result = scan(base, saes, info, data, rows, options.n_splits, options.seed)
         contexts = len(result.tokens)
         if contexts < rows:
+            other = " (or its training text, --split train)" if data.split != "train" else ""
             print(
                 f"note: {data.corpus!r} ({data.split}) has {contexts:,} contexts of "
                 f"{data.ctx_len} tokens in full batches, fewer than --max-tokens asks for: "
-                "exported them all. Give a larger corpus (--corpus, or --split train) for more "
-                "examples per latent.",
+                f"exported them all. For more examples per latent give a larger corpus with "
+                f"--corpus{other}.",
                 file=sys.stderr,
             )
         cache_config = {
