@@ -41,9 +41,6 @@ from hub_sae.models import BaseModel, family, load_base_model
 from hub_sae.sae import TopKSAE
 from hub_sae.suite import SUITE_FILE, SuiteInfo, layer_folders, read_suite
 
-ENTRY_BYTES = 3 * 4 + 2
-"""Memory per recorded activation while scanning: an int32 location triple and a float16."""
-
 
 @dataclass
 class DelphiExport:
@@ -158,8 +155,8 @@ def scan(
     """Read up to `rows` contexts of `data`, corrupted under the suite's policy and corruption,
     and record every SAE's non-zero activations at the selected positions, by latent shard.
 
-    One forward per batch serves every SAE; entries stream into per-shard lists, ENTRY_BYTES (14)
-    per activation: at most k per selected position (k = 32 on the 27 % masked positions of 1M
+    One forward per batch serves every SAE; entries stream into per-shard lists, 14 bytes per
+    activation (an int32 location triple and a float16): at most k per selected position (k = 32 on the 27 % masked positions of 1M
     tokens: ~120 MB per SAE), plus the tokens.
     """
     ends = {
