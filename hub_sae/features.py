@@ -218,9 +218,8 @@ class _Slots:
         keys = torch.cat([self.key[touched], torch.full((len(touched), size), float("-inf"))], 1)
         keys[local, size + rank] = key
         win = torch.zeros_like(keys, dtype=torch.bool).scatter_(1, keys.topk(size, 1).indices, True)
-        free = (
-            (~win[:, :size]).int().argsort(dim=1, descending=True, stable=True)
-        )  # freed slots first
+        # each group's freed slots first, then the kept ones
+        free = (~win[:, :size]).int().argsort(dim=1, descending=True, stable=True)
         won = win[local, size + rank]
         before = torch.cumsum(won, 0) - won.long()  # winners ahead in the flat order
         nth = before - before[first]  # ... and in the candidate's group
@@ -353,13 +352,13 @@ def logit_effects(head: nn.Module, sae: TopKSAE, vocab: int, n: int = LOGIT_TOKE
     param = next(head.parameters())
     zero = head(torch.zeros(1, sae.d_in, device=param.device, dtype=param.dtype)).float()[0]
     out: dict[str, list[Tensor]] = {name: [] for name in _LOGITS}
-    for rows in sae.W_dec.split(256):
-        logits = (head(rows.to(param.device, param.dtype)).float() - zero)[:, :vocab]
+    for rows in sae.W_dec.split(64):
+        logits = head(rows.to(param.device, param.dtype)).float()[:, :vocab] - zero[:vocab]
         n = min(n, logits.shape[1])
         for side, sign in (("top", 1), ("bottom", -1)):
-            values, ids = (sign * logits).topk(n, dim=1)
+            values, ids = logits.mul_(sign).topk(n, dim=1)  # the second pass negates back
             out[f"logit_{side}_ids"].append(ids.cpu())
-            out[f"logit_{side}_values"].append(sign * values.cpu())
+            out[f"logit_{side}_values"].append(values.cpu().mul_(sign))
     return {name: torch.cat(parts) for name, parts in out.items()}
 
 

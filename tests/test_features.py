@@ -239,7 +239,7 @@ def test_version_1_files_load_with_the_v2_fields_none(tmp_path):
 def test_bad_files_are_named(stats, tmp_path):
     path = tmp_path / FEATURES_FILE
     path.write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match=rf"{path} is not a valid .* hub-sae features"):
+    with pytest.raises(ValueError, match=rf"{path} is not a valid .*`hub-sae features SUITE`"):
         load_features(path)
     s = next(iter(stats.values()))
     save_features(path, s)
