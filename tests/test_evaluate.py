@@ -187,6 +187,7 @@ def same(a, b) -> bool:
     return a == b
 
 
+@torch.no_grad()
 def assert_shared_runs_change_nothing(base: BaseModel, saes: dict) -> None:
     """evaluate_suite's metrics equal, bit for bit, those of one clean and one zero-ablated run
     per SAE (`reference_splice`) and of a capture run per SAE and bin (`reference_by_t`)."""
@@ -205,7 +206,6 @@ def assert_shared_runs_change_nothing(base: BaseModel, saes: dict) -> None:
         assert same(metrics[key]["by_t"], reference_by_t(base, sae, data, seed=3)), key
 
 
-@torch.no_grad()
 def test_shared_clean_and_zeroed_runs_give_the_metrics_of_one_run_per_sae(trained_suite):
     """Two k on layer 1 share its zero-ablated run; all three SAEs share the clean run."""
     base = with_unmasking_head(load_base_model("minilm"))
