@@ -2,16 +2,20 @@
 
     hub-sae eval SUITE [--max-tokens N] [--device D]       layer_{L}/metrics.json + metrics.json
     hub-sae eval SUITE --base-model OTHER --out DIR         the same, measured on another checkpoint
+    hub-sae features SUITE [--max-tokens N] [--out DIR] [--device D]
+                                                            layer_{L}/features.safetensors
     hub-sae card SUITE [--repo-id ID]                       README.md + the FVU plot
     hub-sae card --release CONFIG --metrics JSON --out DIR  a release's card from reported metrics
     hub-sae push SUITE --repo-id ID [--private] [--dry-run] [--revision R] [--create-pr]
                                                             one commit with the whole suite
     hub-sae export SAE_OR_SUITE --format saelens|sparsify --out DIR
                                                             folders SAELens / sparsify load
+    hub-sae export SUITE --format delphi --out DIR [--max-tokens N] [--n-splits S]
+                                                            delphi's latent cache (auto-interp)
     hub-sae analyze order|steer|compare|insertion ... --out DIR
                                                             DLM-Scope's analyses: JSON, PNG, table
 
-SUITE is a suite folder, or (eval, card) a hub repo id: downloaded into the hub cache and copied
+SUITE is a suite folder, or (eval, features, card) a hub repo id: downloaded into the hub cache and copied
 into --out DIR (a new folder), where the command writes; nothing is written into the cache or into
 a folder picked by the repo's name.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 
@@ -115,6 +120,23 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _features(args: argparse.Namespace) -> int:
+    """`hub-sae features`: rescan a suite's training text for its feature statistics."""
+    import time
+
+    from hub_sae.features import FEATURES_FILE, features_of_saved_suite
+
+    device = torch_device(args.device)
+    root = suite_to_write(args.suite, args.out, args.revision, "features")
+    start = time.perf_counter()
+    tokens = features_of_saved_suite(root, args.max_tokens, device)
+    print(
+        f"wrote every SAE's {FEATURES_FILE} under {root} ({tokens:,} positions scanned in "
+        f"{time.perf_counter() - start:.1f} s)"
+    )
+    return 0
+
+
 def _card(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """`hub-sae card`: write the model card and plot of a suite or of a release."""
     from hub_sae.cards import PLOT_FILE, release_spec, suite_spec, write_card
@@ -173,10 +195,19 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    """`hub-sae export`: write SAELens or sparsify folders."""
+    """`hub-sae export`: write SAELens or sparsify folders, or delphi's latent cache."""
+    from hub_sae.delphi import DelphiExport
     from hub_sae.export import export
 
-    folders = export(args.source, args.format, args.out, args.layer, args.k)
+    names = [f.name for f in fields(DelphiExport)]
+    options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if options and args.format != "delphi":
+        given = ", ".join(f"--{name.replace('_', '-')}" for name in options)
+        raise ValueError(f"{given} only apply to --format delphi; drop them for {args.format}.")
+    delphi = None
+    if args.format == "delphi":
+        delphi = DelphiExport(**{**options, "device": torch_device(args.device or "auto")})
+    folders = export(args.source, args.format, args.out, args.layer, args.k, delphi)
     print(f"wrote {len(folders)} {args.format} folder(s) under {args.out}:")
     for folder in folders:
         print(f"  {folder}")
@@ -215,6 +246,25 @@ def build_parser() -> argparse.ArgumentParser:
         "instruct): name, folder or hub repo id; needs --out (default: the suite's base model)",
     )
 
+    feat = commands.add_parser(
+        "features", help="rescan feature statistics: histograms, examples by band, logit effects"
+    )
+    feat.add_argument("suite", help="suite folder or hub repo id")
+    feat.add_argument(
+        "--max-tokens",
+        type=positive_int,
+        help="policy positions to scan (default: the run's feature_tokens)",
+    )
+    feat.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)"
+    )
+    feat.add_argument(
+        "--out",
+        metavar="DIR",
+        help="new folder for a copy of SUITE to write into (needed when SUITE is a repo id; "
+        "default: SUITE itself)",
+    )
+
     card = commands.add_parser("card", help="write README.md (model card) and the FVU plot")
     card.add_argument("suite", nargs="?", help="suite folder or hub repo id")
     card.add_argument("--repo-id", help="repo the card is for (default: the suite folder's name)")
@@ -235,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="new folder for a copy of SUITE to write the metrics into (needed when SUITE is a "
         "repo id and with --base-model; default: SUITE itself)",
     )
-    for sub in (ev, card):
+    for sub in (ev, feat, card):
         sub.add_argument("--revision", help="hub revision, when SUITE is a repo id")
 
     push = commands.add_parser("push", help="upload a complete suite in one commit")
@@ -260,12 +310,29 @@ def build_parser() -> argparse.ArgumentParser:
         "in the repo, e.g. 'notes/*'); others are refused. Repeatable",
     )
 
-    exp = commands.add_parser("export", help="write SAELens or sparsify folders of a suite or SAE")
+    from hub_sae.export import FORMATS
+
+    exp = commands.add_parser(
+        "export", help="write SAELens or sparsify folders of a suite or SAE, or a delphi cache"
+    )
     exp.add_argument("source", metavar="SAE_OR_SUITE", help="suite folder, SAE folder or repo id")
-    exp.add_argument("--format", required=True, choices=("saelens", "sparsify"))
+    exp.add_argument("--format", required=True, choices=FORMATS)
     exp.add_argument("--out", required=True, help="new (or empty) folder to write")
     exp.add_argument("--layer", type=int, help="export only this layer's SAE")
     exp.add_argument("--k", type=int, help="export only the SAE with this k")
+    cache = exp.add_argument_group("delphi (--format delphi: a local suite's latent activations)")
+    cache.add_argument(
+        "--max-tokens",
+        type=positive_int,
+        help="tokens of text to read, in whole contexts (default: the suite's eval_tokens)",
+    )
+    cache.add_argument(
+        "--n-splits", type=positive_int, help="shards per SAE by latent range (default: 5)"
+    )
+    cache.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    cache.add_argument("--corpus", help="text to read (default: the suite's held-out corpus)")
+    cache.add_argument("--split", help="its split (default: the suite's held-out split)")
+    cache.add_argument("--seed", type=int, help="seed of the document order and masks (default: 0)")
 
     from hub_sae.analysis.commands import add_analyses
 
@@ -286,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "eval":
             return _eval(args)
+        if args.command == "features":
+            return _features(args)
         if args.command == "card":
             return _card(args, parser)
         if args.command == "export":

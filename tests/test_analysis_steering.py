@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from hub_sae.analysis.report import open_suite
+from hub_sae.analysis.report import open_suite, prompt_ids
 from hub_sae.analysis.steering import steering_sweep
 from hub_sae.cli import main
 from hub_sae.diffusion import Steer, diffusion_generate, generate, steer_residual
@@ -118,7 +118,7 @@ def test_sweep_metrics_on_real_decodes_and_value_zero_is_unsteered(suite, sample
     )
     assert [p.value for p in sweep.points] == [0.0, 32.0]
     for i, prompt in enumerate(PROMPTS):
-        ids = base.tokenizer(prompt, return_tensors="pt").input_ids
+        ids = prompt_ids(base, prompt)
         if sampler == "llada":
             plain = generate(base, ids, 4, 8, 8).tokens[0]
         else:

@@ -20,24 +20,19 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor
 
-from hub_sae.analysis.report import Report, open_suite, read_prompts
-from hub_sae.diffusion import (
-    ALGS,
-    REMASKING,
-    Generation,
-    diffusion_generate,
-    generate,
-    masked_log_likelihood,
+from hub_sae.analysis.report import (
+    SAMPLERS,
+    Report,
+    decode,
+    open_suite,
+    prompt_ids,
+    read_prompts,
 )
-from hub_sae.models import BaseModel
-from hub_sae.sae import TopKSAE
+from hub_sae.diffusion import Generation, masked_log_likelihood
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-SAMPLERS = (*(f"llada:{r}" for r in REMASKING), *(f"dream:{a}" for a in ALGS))
-"""What `analyze order` compares: LLaDA's `generate` per remasking, Dream's `diffusion_generate`
-per alg."""
 METRICS = ("stable_masked", "stable_committed", "drift_after_commit", "top1_flip_rate")
 COUNTS = ("masked_pairs", "committed_pairs", "committed_positions", "pairs")
 """How many terms each of METRICS averages, in the same order."""
@@ -114,35 +109,6 @@ def pool(parts: Sequence[DecodingDynamics]) -> DecodingDynamics:
         for m, c, n in zip(METRICS, COUNTS, counts, strict=True)
     ]
     return DecodingDynamics(*means, *counts)
-
-
-def prompt_ids(base: BaseModel, text: str) -> Tensor:
-    """[1, P] token ids of `text` starting with BOS, as the training contexts start."""
-    ids = base.tokenizer(text, add_special_tokens=False)["input_ids"]
-    return torch.tensor([ids if ids[:1] == [base.bos_token_id] else [base.bos_token_id, *ids]])
-
-
-def decode(
-    base: BaseModel,
-    sampler: str,
-    ids: Tensor,
-    gen_length: int,
-    steps: int,
-    block_length: int,
-    saes: dict[int, TopKSAE],
-    top: int,
-    seed: int,
-    attention_mask: Tensor | None = None,
-) -> Generation:
-    """`gen_length` new tokens after `ids` [B, P] by one of SAMPLERS at temperature 0 (the random
-    orders drawn from a generator seeded with `seed`), recording `top` features of `saes`;
-    `attention_mask` [B, P] marks left padding with 0."""
-    name, order = sampler.split(":")
-    generator = torch.Generator(base.device).manual_seed(seed)
-    record = dict(saes=saes, top=top, generator=generator, attention_mask=attention_mask)
-    if name == "llada":
-        return generate(base, ids, steps, gen_length, block_length, remasking=order, **record)
-    return diffusion_generate(base, ids, gen_length, steps, alg=order, **record)
 
 
 def run_order(args: argparse.Namespace) -> Report:

@@ -23,24 +23,20 @@ from dataclasses import dataclass
 from statistics import fmean
 from typing import NamedTuple
 
-import torch
 from torch import Tensor
 
 from hub_sae.activations import capture
-from hub_sae.analysis.report import Report
+from hub_sae.analysis.report import Report, decode, prompt_ids
 from hub_sae.diffusion import (
-    Generation,
     Steer,
-    diffusion_generate,
     feature_acts,
-    generate,
     masked_log_likelihood,
 )
 from hub_sae.diffusion.steer import check_features
 from hub_sae.models import BaseModel
 from hub_sae.sae import TopKSAE
 
-SAMPLERS = ("llada", "dream")
+SAMPLERS = {"llada": "llada:low_confidence", "dream": "dream:entropy"}
 """LLaDA's `generate` (low_confidence remasking, one block) or Dream's `diffusion_generate`
 (alg entropy), both greedy (temperature 0)."""
 METRICS = {
@@ -110,23 +106,6 @@ def repeated_share(tokens: Tensor) -> float:
     return repeats / len(tokens) if len(tokens) else math.nan
 
 
-def _decode(
-    base: BaseModel,
-    ids: Tensor,
-    saes: dict[int, TopKSAE],
-    steer: Steer,
-    sampler: str,
-    gen_length: int,
-    steps: int,
-    seed: int,
-) -> Generation:
-    generator = torch.Generator(base.device).manual_seed(seed)
-    record = dict(saes=saes, steering=[steer], top=0, generator=generator)
-    if sampler == "dream":
-        return diffusion_generate(base, ids, gen_length, steps, alg="entropy", **record)
-    return generate(base, ids, steps, gen_length, max(gen_length, 1), **record)
-
-
 def steering_sweep(
     base: BaseModel,
     saes: dict[int, TopKSAE],
@@ -163,7 +142,7 @@ def steering_sweep(
         Steer(layer, (feature,), v, mode, positions=positions, top_positions=top_positions)
         for v in values
     ]
-    ids = [base.tokenizer(p, return_tensors="pt").input_ids for p in prompts]
+    ids = [prompt_ids(base, p) for p in prompts]
     for number, prompt in enumerate(ids, 1):
         if not gen_length and not (prompt == base.mask_token_id).any():
             raise ValueError(
@@ -174,7 +153,19 @@ def steering_sweep(
     points = []
     for steer in steers:
         outputs = [
-            _decode(base, prompt, saes, steer, sampler, gen_length, steps, seed) for prompt in ids
+            decode(
+                base,
+                SAMPLERS[sampler],
+                prompt,
+                gen_length,
+                steps,
+                max(gen_length, 1),
+                saes,
+                0,
+                seed,
+                steering=[steer],
+            )
+            for prompt in ids
         ]
         decoded = [out.timeline.masked[0, 0] for out in outputs]
         tokens = [out.tokens[0] for out in outputs]
