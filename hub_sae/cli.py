@@ -94,7 +94,9 @@ def torch_device(name: str) -> str:
 def _eval(args: argparse.Namespace) -> int:
     """`hub-sae eval`: re-measure every SAE of a suite and write its metrics."""
     from hub_sae.cards import by_t_table, metric_table
-    from hub_sae.evaluate import SUMMARY_FILE, evaluate_saved_suite
+    from hub_sae.evaluate import SUMMARY_FILE, check_base_model, evaluate_saved_suite
+    from hub_sae.io import local_path
+    from hub_sae.suite import read_suite
 
     if args.base_model and not args.out:
         raise ValueError(
@@ -102,6 +104,8 @@ def _eval(args: argparse.Namespace) -> int:
             "suite's own metrics stay as they are: give a new folder for a copy of the suite to "
             "hold the new metrics with --out DIR."
         )
+    if args.base_model and local_path(args.suite) is not None:  # refused before the copy
+        check_base_model(read_suite(args.suite), args.base_model)
     device = torch_device(args.device)
     root = suite_to_write(args.suite, args.out, args.revision, "eval")
     metrics = evaluate_saved_suite(

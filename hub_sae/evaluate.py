@@ -24,7 +24,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,9 @@ from hub_sae.masking import CorruptedBatch, Corruption, check_policy, corrupt
 from hub_sae.models import BaseModel, family, load_base_model
 from hub_sae.models.unmasking import with_unmasking_head
 from hub_sae.sae import TopKSAE
+
+if TYPE_CHECKING:
+    from hub_sae.suite import SuiteInfo
 
 SUMMARY_FILE = "metrics.json"
 """The suite-level summary `hub-sae eval` writes at the root (per-SAE metrics stay in layer folders)."""
@@ -524,21 +527,25 @@ def heldout_tokens(base: BaseModel, data: DataConfig, limit: int) -> int:
     return tokens
 
 
-def check_width(name: str, d_in: int, trained_on: str) -> None:
-    """Refuse a base model `name` whose hidden size is not `d_in` (the SAEs' width, trained on
-    `trained_on`), read from its config.json alone (fetched for a hub repo id): no weights load."""
+def check_base_model(info: SuiteInfo, name: str) -> None:
+    """Refuse a base model `name` that cannot run the suite's policy or, when it is not the
+    suite's own, whose hidden size is not the SAEs' width: read from its config.json alone
+    (fetched for a hub repo id), before any weights load."""
     from hub_sae.io import HubOptions, local_path
     from hub_sae.models import DEFAULT_MODEL
     from hub_sae.training.plan import model_shape
 
+    check_policy(info.policy, family(name))
+    if name == info.base_model:
+        return
     if name != DEFAULT_MODEL and local_path(name) is None:
         HubOptions().snapshot(name, allow_patterns=["config.json"])
     width = model_shape(name).d_model
-    if width != d_in:
+    if width != info.d_in:
         raise ValueError(
             f"{name} has width {width} (hidden size), but the suite's SAEs read activations of "
-            f"width {d_in} ({trained_on}): evaluate them on a checkpoint of width {d_in}, such as "
-            f"a fine-tune of {trained_on}."
+            f"width {info.d_in} ({info.base_model}): evaluate them on a checkpoint of width "
+            f"{info.d_in}, such as a fine-tune of {info.base_model}."
         )
 
 
@@ -593,7 +600,7 @@ def _evaluate_saved_suite(
 
     info = read_suite(root)
     model = base_model or info.base_model
-    check_policy(info.policy, family(model))
+    check_base_model(info, model)
     max_tokens = info.eval_tokens if max_tokens is None else max_tokens
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError(
@@ -605,8 +612,6 @@ def _evaluate_saved_suite(
     data = info.heldout(corpus, split, seed)
     folders = layer_folders(root, info)
     previous = {key: _previous_metrics(folder / "metrics.json") for key, folder in folders.items()}
-    if model != info.base_model:
-        check_width(model, info.d_in, info.base_model)
     base = load_base_model(model, dtype=getattr(torch, dtype), device=device)
     if data.ctx_len > base.max_length:
         raise ValueError(

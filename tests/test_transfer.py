@@ -108,7 +108,7 @@ def test_transfer_refuses_another_width_naming_both(trained_suite, narrow_bert, 
     err = capsys.readouterr().err
     assert f"{narrow_bert} has width 32" in err and "read activations of width 384" in err
     assert "evaluate them on a checkpoint of width 384" in err
-    assert files(trained_suite) == before and not (out / SUMMARY_FILE).exists()
+    assert files(trained_suite) == before and not out.exists()  # refused before the copy
 
 
 def test_transfer_refuses_a_model_that_cannot_run_the_policy(trained_suite, tmp_path, capsys):
@@ -120,7 +120,7 @@ def test_transfer_refuses_a_model_that_cannot_run_the_policy(trained_suite, tmp_
     assert main([*args, "--device", "cpu"]) == 1
     err = capsys.readouterr().err
     assert "mask policy 'mask'" in err and "family ar" in err
-    assert not (out / SUMMARY_FILE).exists()
+    assert not out.exists()
 
 
 def test_base_model_needs_out(trained_suite, tuned_minilm, capsys):
