@@ -82,7 +82,7 @@ def add_analyses(analyze: argparse.ArgumentParser) -> None:
     insertion.add_argument(
         "--max-tokens",
         type=positive_int,
-        help="held-out tokens per loss and t bin, in whole batches (default: 4096)",
+        help="held-out tokens per loss and t bin, in whole batches (default: 1024)",
     )
     insertion.add_argument("--k", type=int, help="SUITE's SAEs with this k (default: its default)")
     insertion.add_argument(
