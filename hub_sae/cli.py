@@ -7,6 +7,8 @@
                                                             one commit with the whole suite
     hub-sae export SAE_OR_SUITE --format saelens|sparsify --out DIR
                                                             folders SAELens / sparsify load
+    hub-sae export SUITE --format delphi --out DIR [--max-tokens N] [--n-splits S]
+                                                            delphi's latent cache (auto-interp)
     hub-sae analyze order|steer|compare|insertion ... --out DIR
                                                             DLM-Scope's analyses: JSON, PNG, table
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 
@@ -159,10 +162,19 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    """`hub-sae export`: write SAELens or sparsify folders."""
+    """`hub-sae export`: write SAELens or sparsify folders, or delphi's latent cache."""
+    from hub_sae.delphi import DelphiExport
     from hub_sae.export import export
 
-    folders = export(args.source, args.format, args.out, args.layer, args.k)
+    names = [f.name for f in fields(DelphiExport)]
+    options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if options and args.format != "delphi":
+        given = ", ".join(f"--{name.replace('_', '-')}" for name in options)
+        raise ValueError(f"{given} only apply to --format delphi; drop them for {args.format}.")
+    delphi = None
+    if args.format == "delphi":
+        delphi = DelphiExport(**{**options, "device": torch_device(args.device or "auto")})
+    folders = export(args.source, args.format, args.out, args.layer, args.k, delphi)
     print(f"wrote {len(folders)} {args.format} folder(s) under {args.out}:")
     for folder in folders:
         print(f"  {folder}")
@@ -240,12 +252,29 @@ def build_parser() -> argparse.ArgumentParser:
         "in the repo, e.g. 'notes/*'); others are refused. Repeatable",
     )
 
-    exp = commands.add_parser("export", help="write SAELens or sparsify folders of a suite or SAE")
+    from hub_sae.export import FORMATS
+
+    exp = commands.add_parser(
+        "export", help="write SAELens or sparsify folders of a suite or SAE, or a delphi cache"
+    )
     exp.add_argument("source", metavar="SAE_OR_SUITE", help="suite folder, SAE folder or repo id")
-    exp.add_argument("--format", required=True, choices=("saelens", "sparsify"))
+    exp.add_argument("--format", required=True, choices=FORMATS)
     exp.add_argument("--out", required=True, help="new (or empty) folder to write")
     exp.add_argument("--layer", type=int, help="export only this layer's SAE")
     exp.add_argument("--k", type=int, help="export only the SAE with this k")
+    cache = exp.add_argument_group("delphi (--format delphi: a local suite's latent activations)")
+    cache.add_argument(
+        "--max-tokens",
+        type=positive_int,
+        help="tokens of text to read, in whole contexts (default: the suite's eval_tokens)",
+    )
+    cache.add_argument(
+        "--n-splits", type=positive_int, help="shards per SAE by latent range (default: 5)"
+    )
+    cache.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    cache.add_argument("--corpus", help="text to read (default: the suite's held-out corpus)")
+    cache.add_argument("--split", help="its split (default: the suite's held-out split)")
+    cache.add_argument("--seed", type=int, help="seed of the document order and masks (default: 0)")
 
     from hub_sae.analysis.commands import add_analyses
 

@@ -3,6 +3,8 @@
     saelens:  <hook_name>/cfg.json + sae_weights.safetensors   (SAE.load_from_disk)
     sparsify: layers.{L}/cfg.json + sae.safetensors, and the run's config.json naming the model
               (SparseCoder.load_from_disk / load_many)
+    delphi:   layers.{L}/{start}_{end}.safetensors + config.json, the latent activations of a
+              suite on text (delphi's LatentDataset; written by hub_sae.delphi)
 
 A suite exports as one folder per layer, inside one `k_{k}/` folder per k when it has several.
 The whole output is written beside `out` and renamed into place once complete, under the lock of
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from safetensors.torch import save_file
 
@@ -21,7 +24,10 @@ from hub_sae.io import inside, new_folder, write_folder
 from hub_sae.sae import TopKSAE
 from hub_sae.suite import SUITE_FILE, layer_folders
 
-FORMATS = ("saelens", "sparsify")
+if TYPE_CHECKING:
+    from hub_sae.delphi import DelphiExport
+
+FORMATS = ("saelens", "sparsify", "delphi")
 """The layouts `export` writes."""
 # SAELens reads a config without metadata.sae_lens_version as pre-6.0 and drops its metadata.
 SAELENS_FORMAT_VERSION = "6.0.0"
@@ -133,13 +139,19 @@ def export(
     out: str | Path,
     layer: int | None = None,
     k: int | None = None,
+    delphi: DelphiExport | None = None,
 ) -> list[Path]:
     """Write the SAE(s) of a suite, an SAE folder or a hub repo to `out` in the layout `fmt`.
 
     A suite exports whole unless `layer` or `k` picks one SAE. Returns the SAE folders written.
+    `delphi` sets the text of the delphi cache, which only a local suite exports.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}.")
+    if fmt == "delphi":
+        from hub_sae.delphi import export_delphi
+
+        return export_delphi(repo_id_or_path, out, layer, k, delphi)
     with new_folder(out) as target:
         saes = _load(repo_id_or_path, layer, k)
         several_k = len({sae_k for _, sae_k in saes}) > 1

@@ -291,7 +291,7 @@ def decode_tab(explorer: Explorer, inputs: list[gr.Component], explored: gr.Numb
     with gr.Row():
         feature = gr.Number(label="Feature to steer", minimum=0, value=0)
         value = gr.Number(label="Value", value=10.0)
-        mode = gr.Radio(["clamp", "add"], value="clamp", label="Steering")
+        mode = gr.Radio(["clamp", "add", "relative"], value="clamp", label="Steering")
         share = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Steer during the first share")
         positions = gr.Textbox(value="masked", label=f"Steer at ({STEER_POSITIONS})")
     explored.change(lambda f: f, explored, feature, api_name=False)

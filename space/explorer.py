@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 from huggingface_hub.errors import EntryNotFoundError
-from torch import Tensor, nn
+from torch import Tensor
 
 from hub_sae.activations import capture
 from hub_sae.diffusion import (
@@ -38,7 +38,7 @@ from hub_sae.diffusion import (
     vocab_limit,
 )
 from hub_sae.diffusion.checks import check_number
-from hub_sae.features import FEATURES_FILE, FeatureStats, load_features
+from hub_sae.features import FEATURES_FILE, FeatureStats, load_features, unembed
 from hub_sae.io import HubOptions, inside, local_path
 from hub_sae.masking import Corruption, corrupt, select_positions
 from hub_sae.models import BaseModel, load_base_model
@@ -156,24 +156,6 @@ def suite_features(source: str, info: SuiteInfo | None, sae: TopKSAE) -> Feature
         return load_features(HubOptions().file(source, name))
     except EntryNotFoundError:  # the suite was published without feature statistics
         return None
-
-
-def unembed(base: BaseModel) -> nn.Module | None:
-    """The model's final norm + output head (residual -> logits), or None without an LM head."""
-    if not base.has_lm_head:
-        return None
-    inner = getattr(base.model, "model", None)
-    transformer = getattr(inner, "transformer", None)
-    if transformer is not None and "ln_f" in transformer:  # native LLaDA
-        return nn.Sequential(transformer.ln_f, transformer.ff_out)
-    if hasattr(inner, "norm") and hasattr(base.model, "lm_head"):  # Dream, HF decoders (Qwen2)
-        return nn.Sequential(inner.norm, base.model.lm_head)
-    if hasattr(inner, "final_norm") and hasattr(base.model, "head"):  # ModernBERT
-        return nn.Sequential(inner.final_norm, base.model.head, base.model.decoder)
-    for name in ("cls", "lm_head"):  # BERT-style and RoBERTa-style masked-LM heads
-        if hasattr(base.model, name):
-            return getattr(base.model, name)
-    return base.model.get_output_embeddings()
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from hub_sae.diffusion import (
     Steer,
     add_gumbel_noise,
     diffusion_generate,
+    feature_acts,
     feature_onsets,
     generate,
     masked_log_likelihood,
@@ -265,6 +266,20 @@ def test_clamping_a_feature_to_its_own_value_changes_nothing(saes):
     assert torch.allclose(steer_residual(sae, h[:1], own), h[:1], atol=1e-5)
     shifted = steer_residual(sae, h, Steer(1, (feature,), 2.0, mode="add"))
     assert torch.allclose(shifted - h, 2.0 * sae.W_dec[feature].expand(6, 64), atol=1e-5)
+
+
+def test_top_positions_rank_each_row_also_under_guidance(base, saes):
+    sae, h = saes[1], torch.randn(4, 13, 64, generator=torch.Generator().manual_seed(1))
+    feature = int(sae.encode(h)[1].flatten().mode().values)
+    steer = Steer(1, (feature,), 3.0, "relative", positions="top", top_positions=3)
+    where = steer.where(sae, h, prompts(2, 13), MASK)  # guidance: 2 rows of tokens, 4 of h
+    acts = feature_acts(sae, h.flatten(0, 1), (feature,)).view(4, 13)
+    for row in range(4):
+        ranked = sorted(range(13), key=lambda p: (-acts[row, p], p))[:3]
+        assert where[row].nonzero().flatten().tolist() == sorted(p for p in ranked if acts[row, p])
+    plain = generate(base, prompts(1), 4, 8, 8, cfg_scale=1.0)
+    guided = generate(base, prompts(1), 4, 8, 8, cfg_scale=1.0, saes=saes, steering=[steer])
+    assert guided.tokens.shape == plain.tokens.shape and not (guided.tokens == MASK).any()
 
 
 def test_steering_window_and_positions(base, saes):

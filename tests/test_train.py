@@ -44,8 +44,11 @@ def test_suite_is_complete_and_loads(trained_suite: Path) -> None:
         assert (features.top_values[fired, 0] > 0).all() and (
             features.top_tokens[~fired] == -1
         ).all()
-        centre = features.top_contexts[fired, 0, features.window]
-        assert (centre == 103).all()  # mask policy: every example is a [MASK] position
+        assert (
+            features.top_contexts[fired, 0, features.window] == features.top_tokens[fired, 0]
+        ).all()
+        # mask policy: every example is a masked position, shown by its clean token
+        assert features.example_masked[fired, 0, 0, features.window].all()
 
 
 def test_saved_weights_take_raw_activations(trained_suite: Path) -> None:

@@ -44,6 +44,16 @@ def add_analyses(analyze: argparse.ArgumentParser) -> None:
     order.add_argument("suite", help="suite folder or hub repo id")
     order.add_argument("--layer", type=int, help="layer to trace (default: the suite's default)")
     _decoding(order)
+    order.add_argument(
+        "--block-length",
+        type=positive_int,
+        help="LLaDA's block length, dividing --gen-length (default: one block, as Dream's)",
+    )
+    order.add_argument(
+        "--top",
+        type=positive_int,
+        help="features recorded per position and step, the sets compared (default: the SAEs' k)",
+    )
     _common(order)
 
     steer = commands.add_parser(
@@ -54,6 +64,28 @@ def add_analyses(analyze: argparse.ArgumentParser) -> None:
     steer.add_argument("--feature", type=int, required=True, help="feature id to steer")
     steer.add_argument(
         "--values", type=float, nargs="+", default=[0, 1, 2, 4, 8], help="steering values"
+    )
+    steer.add_argument(
+        "--mode",
+        choices=["relative", "add", "clamp"],
+        default="relative",
+        help="relative (DLM-Scope): feature += value x the position's largest SAE activation; "
+        "add: feature += value; clamp: feature = value",
+    )
+    steer.add_argument(
+        "--positions",
+        choices=["all", "masked", "top"],
+        default="all",
+        help="steer at every position, the still-masked ones, or the --top-positions where the "
+        "feature fires most (each step)",
+    )
+    steer.add_argument(
+        "--top-positions", type=positive_int, default=1, help="with --positions top: how many"
+    )
+    steer.add_argument(
+        "--sampler",
+        choices=["llada", "dream"],
+        help="LLaDA's generate or Dream's diffusion_generate (default: the model family's)",
     )
     _decoding(steer)
     _common(steer)

@@ -1,16 +1,20 @@
-"""What every `hub-sae analyze` command shares: its inputs (a suite, a prompts file) and its output,
-a `Report` written as NAME.json, NAME.png and NAME.md into a new folder."""
+"""What every `hub-sae analyze` command shares: its inputs (a suite, a prompts file, the prompts'
+token ids), the decode of a prompt by any sampler, and its output, a `Report` written as NAME.json,
+NAME.png and NAME.md into a new folder."""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+from torch import Tensor
 
+from hub_sae.diffusion import ALGS, REMASKING, Generation, Steer, diffusion_generate, generate
 from hub_sae.io import new_folder, write_folder
 
 if TYPE_CHECKING:
@@ -19,6 +23,10 @@ if TYPE_CHECKING:
     from hub_sae.models import BaseModel
     from hub_sae.sae import TopKSAE
     from hub_sae.suite import SuiteInfo
+
+SAMPLERS = (*(f"llada:{r}" for r in REMASKING), *(f"dream:{a}" for a in ALGS))
+"""Every sampler and order, "family:order": LLaDA's `generate` per remasking, Dream's
+`diffusion_generate` per alg (`decode` runs them; `analyze order` compares them all)."""
 
 MAX_PROMPTS = 1000
 MAX_PROMPT_CHARS = 100_000
@@ -132,3 +140,39 @@ def open_suite(
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     base = with_unmasking_head(load_base_model(name, dtype=dtype, device=device))
     return Suite(info, base, saes)
+
+
+def prompt_ids(base: BaseModel, text: str) -> Tensor:
+    """[1, P] token ids of `text` starting with BOS, as the training contexts start."""
+    ids = base.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return torch.tensor([ids if ids[:1] == [base.bos_token_id] else [base.bos_token_id, *ids]])
+
+
+def decode(
+    base: BaseModel,
+    sampler: str,
+    ids: Tensor,
+    gen_length: int,
+    steps: int,
+    block_length: int,
+    saes: dict[int, TopKSAE],
+    top: int,
+    seed: int,
+    attention_mask: Tensor | None = None,
+    steering: Sequence[Steer] = (),
+) -> Generation:
+    """`gen_length` new tokens after `ids` [B, P] by one of SAMPLERS at temperature 0 (the random
+    orders drawn from a generator seeded with `seed`), recording `top` features of `saes`;
+    `attention_mask` [B, P] marks left padding with 0; `steering` steers at every step."""
+    name, order = sampler.split(":")
+    generator = torch.Generator(base.device).manual_seed(seed)
+    record = dict(
+        saes=saes,
+        top=top,
+        steering=list(steering),
+        generator=generator,
+        attention_mask=attention_mask,
+    )
+    if name == "llada":
+        return generate(base, ids, steps, gen_length, block_length, remasking=order, **record)
+    return diffusion_generate(base, ids, gen_length, steps, alg=order, **record)

@@ -4,7 +4,8 @@ Two samplers, each as its official reference and both on a model of any family (
 comes from `BaseModel.align`): `generate` is LLaDA's (`llada.py`), `diffusion_generate` Dream's
 (`dream.py`). Both return a `Generation`: the tokens and a `Timeline` of which positions were masked
 at each step, when each was committed, and the top SAE features of every position at every step.
-`Steer`s add to or clamp features over a window of the steps.
+`Steer`s clamp features, add to them, or add a multiple of the position's largest SAE activation
+(DLM-Scope's steering) over a window of the steps.
 """
 
 from hub_sae.diffusion.dream import ALGS, diffusion_generate, sample_tokens

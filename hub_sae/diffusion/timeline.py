@@ -78,7 +78,7 @@ class _Recorder:
         x, run = self.run.x, self.run
         for steer in self.steers:
             if steer.active(run.step, run.steps):
-                where = steer.where(x, run.mask_id).repeat(len(h) // len(x), 1)
+                where = steer.where(self.sae, h, x, run.mask_id)
                 h = h.clone()
                 h[where] = steer_residual(self.sae, h[where], steer)
         if run.top or run.watch:
