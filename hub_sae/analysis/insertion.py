@@ -125,7 +125,7 @@ def _figure(dlm: dict, ar: dict | None):
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(11 if ar else 6, 4), layout="constrained")
+    figure = Figure(figsize=(13 if ar else 7, 4), layout="constrained")
     axes = figure.subplots(1, 2 if ar else 1, squeeze=False)[0]
     variant = _variant(dlm["policy"])
     layers = list(dlm["layers"])
@@ -137,10 +137,13 @@ def _figure(dlm: dict, ar: dict | None):
         )
     mean = [m[f"dlm_scope_delta_lm_{variant}"] for m in dlm["layers"].values()]
     axes[0].plot(layers, mean, "s-k", lw=2, label="mean, t in [0.05, 0.5]")
+    other = "mask" if variant == "unmask" else "unmask"
+    mean_other = [m[f"dlm_scope_delta_lm_{other}"] for m in dlm["layers"].values()]
+    axes[0].plot(layers, mean_other, "s--", color="grey", label=f"mean ΔLM ({other})")
     axes[0].set(
         title=f"DLM {dlm['base_model']}: ΔLM ({variant})", xlabel="layer", ylabel="ΔLM (nats)"
     )
-    axes[0].legend(fontsize="small")
+    axes[0].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
     if ar:
         ar_layers = list(ar["layers"])
         delta = [m["next_token_delta_ce"] for m in ar["layers"].values()]
