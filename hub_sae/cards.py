@@ -76,7 +76,7 @@ SUITE_LAYOUT = """\
 | `{folder}/config.json` | `TopKSAE` arguments |
 | `{folder}/model.safetensors` | weights |
 | `{folder}/metrics.json` | held-out metrics (FVU, L0, dead latents, density histogram, spliced metrics) |
-| `{folder}/features.safetensors` | per-latent firing frequency and top-activating contexts |
+| `{folder}/features.safetensors` | per-latent statistics for feature pages: frequencies (by masking ratio, masked / unmasked), activation histogram, examples by quantile band on clean text, logit effects |
 | `metrics.json` | summary of the last `hub-sae eval` run, when present |
 | `{plot}` | the FVU plot below |
 | `{by_t_plot}` | metrics by masking ratio t, when measured |"""

@@ -1,6 +1,8 @@
 """The `hub-sae` command: evaluate a suite, write its model card, push it to the Hub.
 
     hub-sae eval SUITE [--max-tokens N] [--device D]       layer_{L}/metrics.json + metrics.json
+    hub-sae features SUITE [--max-tokens N] [--out DIR] [--device D]
+                                                            layer_{L}/features.safetensors
     hub-sae card SUITE [--repo-id ID]                       README.md + the FVU plot
     hub-sae card --release CONFIG --metrics JSON --out DIR  a release's card from reported metrics
     hub-sae push SUITE --repo-id ID [--private] [--dry-run] [--revision R] [--create-pr]
@@ -12,7 +14,7 @@
     hub-sae analyze order|steer|compare|insertion ... --out DIR
                                                             DLM-Scope's analyses: JSON, PNG, table
 
-SUITE is a suite folder, or (eval, card) a hub repo id: downloaded into the hub cache and copied
+SUITE is a suite folder, or (eval, features, card) a hub repo id: downloaded into the hub cache and copied
 into --out DIR (a new folder), where the command writes; nothing is written into the cache or into
 a folder picked by the repo's name.
 """
@@ -101,6 +103,23 @@ def _eval(args: argparse.Namespace) -> int:
     print(metric_table(metrics))
     print(by_t_table(metrics))
     print(f"wrote {len(metrics)} metrics.json files and {root / SUMMARY_FILE}")
+    return 0
+
+
+def _features(args: argparse.Namespace) -> int:
+    """`hub-sae features`: rescan a suite's training text for its feature statistics."""
+    import time
+
+    from hub_sae.features import FEATURES_FILE, features_of_saved_suite
+
+    device = torch_device(args.device)
+    root = suite_to_write(args.suite, args.out, args.revision, "features")
+    start = time.perf_counter()
+    tokens = features_of_saved_suite(root, args.max_tokens, device)
+    print(
+        f"wrote every SAE's {FEATURES_FILE} under {root} ({tokens:,} positions scanned in "
+        f"{time.perf_counter() - start:.1f} s)"
+    )
     return 0
 
 
@@ -207,6 +226,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--seed", type=int, default=0, help="seed of the document order and the masks")
 
+    feat = commands.add_parser(
+        "features", help="rescan feature statistics: histograms, examples by band, logit effects"
+    )
+    feat.add_argument("suite", help="suite folder or hub repo id")
+    feat.add_argument(
+        "--max-tokens",
+        type=positive_int,
+        help="policy positions to scan (default: the run's feature_tokens)",
+    )
+    feat.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)"
+    )
+    feat.add_argument(
+        "--out",
+        metavar="DIR",
+        help="new folder for a copy of SUITE to write into (needed when SUITE is a repo id; "
+        "default: SUITE itself)",
+    )
+
     card = commands.add_parser("card", help="write README.md (model card) and the FVU plot")
     card.add_argument("suite", nargs="?", help="suite folder or hub repo id")
     card.add_argument("--repo-id", help="repo the card is for (default: the suite folder's name)")
@@ -227,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="new folder for a copy of SUITE to write the metrics into (needed when SUITE is a "
         "repo id; default: SUITE itself)",
     )
-    for sub in (ev, card):
+    for sub in (ev, feat, card):
         sub.add_argument("--revision", help="hub revision, when SUITE is a repo id")
 
     push = commands.add_parser("push", help="upload a complete suite in one commit")
@@ -295,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "eval":
             return _eval(args)
+        if args.command == "features":
+            return _features(args)
         if args.command == "card":
             return _card(args, parser)
         if args.command == "export":

@@ -84,6 +84,8 @@ HIST_EDGES = torch.logspace(-3, 3, 73)
 POOL = 2
 """Histogram bins per reservoir bin (the resolution of the quantile bands)."""
 LOGIT_TOKENS = 10
+FEATURE_TOKENS = 32_768
+"""Policy positions scanned when a suite names no feature_tokens."""
 LIMITS = {"window": (0, 32), "bands": (1, 16), "slots": (1, 32)}
 """Inclusive bounds of the scan's sizes (they set its memory)."""
 
@@ -201,30 +203,33 @@ class _Slots:
         self.masked = torch.zeros(groups, size, length, dtype=torch.bool)
 
     def offer(self, group: Tensor, key: Tensor, value: Tensor, example: _Examples, row: Tensor):
-        """Candidates: `group`, `key`, `value` per candidate, its example at `row` of `example`."""
+        """Candidates: `group`, `key`, `value` per candidate, its example at `row` of `example`.
+        A winning candidate takes the slot of an entry it pushes out; the others stay put."""
         size = self.key.shape[1]
         order = torch.argsort(key, descending=True)
         order = order[torch.argsort(group[order], stable=True)]
         group, key, value, row = group[order], key[order], value[order], row[order]
-        rank = torch.arange(len(group)) - torch.searchsorted(group, group)
-        keep = rank < size
+        first = torch.searchsorted(group, group)
+        rank = torch.arange(len(group)) - first
+        keep = rank < size  # only a group's `size` best candidates can enter
         group, key, value, row, rank = group[keep], key[keep], value[keep], row[keep], rank[keep]
+        first = torch.searchsorted(group, group)
         touched, local = torch.unique_consecutive(group, return_inverse=True)
-        n = len(touched)
-        keys = torch.cat([self.key[touched], torch.full((n, size), float("-inf"))], 1)
+        keys = torch.cat([self.key[touched], torch.full((len(touched), size), float("-inf"))], 1)
         keys[local, size + rank] = key
-        best = keys.topk(size, dim=1).indices
-        for name, new in (
-            ("value", value),
-            ("t", example.t[row]),
-            ("ids", example.ids[row]),
-            ("masked", example.masked[row]),
-        ):
-            old = getattr(self, name)[touched]
-            merged = torch.cat([old, torch.zeros_like(old)], 1)
-            merged[local, size + rank] = new
-            getattr(self, name)[touched] = _take(merged, best, 1)
-        self.key[touched] = keys.gather(1, best)
+        win = torch.zeros_like(keys, dtype=torch.bool).scatter_(1, keys.topk(size, 1).indices, True)
+        # each group's freed slots first, then the kept ones
+        free = (~win[:, :size]).int().argsort(dim=1, descending=True, stable=True)
+        won = win[local, size + rank]
+        before = torch.cumsum(won, 0) - won.long()  # winners ahead in the flat order
+        nth = before - before[first]  # ... and in the candidate's group
+        group, local, nth, row = group[won], local[won], nth[won], row[won]
+        slot = free[local, nth]
+        self.key[group, slot] = key[won]
+        self.value[group, slot] = value[won]
+        self.t[group, slot] = example.t[row]
+        self.ids[group, slot] = example.ids[row]
+        self.masked[group, slot] = example.masked[row]
 
 
 @dataclass
@@ -347,13 +352,13 @@ def logit_effects(head: nn.Module, sae: TopKSAE, vocab: int, n: int = LOGIT_TOKE
     param = next(head.parameters())
     zero = head(torch.zeros(1, sae.d_in, device=param.device, dtype=param.dtype)).float()[0]
     out: dict[str, list[Tensor]] = {name: [] for name in _LOGITS}
-    for rows in sae.W_dec.split(256):
-        logits = (head(rows.to(param.device, param.dtype)).float() - zero)[:, :vocab]
+    for rows in sae.W_dec.split(64):
+        logits = head(rows.to(param.device, param.dtype)).float()[:, :vocab] - zero[:vocab]
         n = min(n, logits.shape[1])
         for side, sign in (("top", 1), ("bottom", -1)):
-            values, ids = (sign * logits).topk(n, dim=1)
+            values, ids = logits.mul_(sign).topk(n, dim=1)  # the second pass negates back
             out[f"logit_{side}_ids"].append(ids.cpu())
-            out[f"logit_{side}_values"].append(sign * values.cpu())
+            out[f"logit_{side}_values"].append(values.cpu().mul_(sign))
     return {name: torch.cat(parts) for name, parts in out.items()}
 
 
@@ -453,6 +458,34 @@ def collect_features(
         key: _stats(scan, bands, window, counts, by_t, t_edges, policy, data.corpus, logits[key])
         for key, scan in scans.items()
     }
+
+
+def features_of_saved_suite(root: Path, max_tokens: int | None = None, device: str = "cpu") -> int:
+    """Rescan a saved suite's training text (its corpus, seed, policy and corruption) and write
+    every SAE's features.safetensors, each atomically, once all are scanned, under the suite's lock.
+    `max_tokens` defaults to the run's feature_tokens. Returns the policy positions scanned."""
+    from hub_sae.io import folder_lock
+    from hub_sae.models import load_base_model
+    from hub_sae.sae import TopKSAE
+    from hub_sae.suite import layer_folders, read_suite
+
+    fix = "a training run or another command is writing it: wait for it to finish, then rerun."
+    with folder_lock(root, fix):
+        info = read_suite(root)
+        training = info.training
+        max_tokens = max_tokens or training.get("feature_tokens") or FEATURE_TOKENS
+        data = info.heldout(
+            training.get("corpus", DataConfig().corpus), "train", training.get("seed", 0)
+        )
+        base = load_base_model(info.base_model, dtype=getattr(torch, info.dtype), device=device)
+        folders = layer_folders(root, info)
+        saes = {key: TopKSAE.from_pretrained(f, device=device).eval() for key, f in folders.items()}
+        stats = collect_features(
+            base, saes, info.policy, info.corruption, data, max_tokens, seed=data.seed
+        )
+        for key, folder in folders.items():
+            save_features(folder / FEATURES_FILE, stats[key], {"base_model": info.base_model})
+    return next(iter(stats.values())).tokens
 
 
 def _share(count: Tensor, total: Tensor | int) -> Tensor:
