@@ -1,6 +1,7 @@
 """The `hub-sae` command: evaluate a suite, write its model card, push it to the Hub.
 
     hub-sae eval SUITE [--max-tokens N] [--device D]       layer_{L}/metrics.json + metrics.json
+    hub-sae eval SUITE --base-model OTHER --out DIR         the same, measured on another checkpoint
     hub-sae features SUITE [--max-tokens N] [--out DIR] [--device D]
                                                             layer_{L}/features.safetensors
     hub-sae card SUITE [--repo-id ID]                       README.md + the FVU plot
@@ -93,12 +94,29 @@ def torch_device(name: str) -> str:
 def _eval(args: argparse.Namespace) -> int:
     """`hub-sae eval`: re-measure every SAE of a suite and write its metrics."""
     from hub_sae.cards import by_t_table, metric_table
-    from hub_sae.evaluate import SUMMARY_FILE, evaluate_saved_suite
+    from hub_sae.evaluate import SUMMARY_FILE, check_base_model, evaluate_saved_suite
+    from hub_sae.io import local_path
+    from hub_sae.suite import read_suite
 
+    if args.base_model and not args.out:
+        raise ValueError(
+            f"--base-model {args.base_model} measures the suite on another checkpoint, and the "
+            "suite's own metrics stay as they are: give a new folder for a copy of the suite to "
+            "hold the new metrics with --out DIR."
+        )
+    if args.base_model and local_path(args.suite) is not None:  # refused before the copy
+        check_base_model(read_suite(args.suite), args.base_model)
     device = torch_device(args.device)
     root = suite_to_write(args.suite, args.out, args.revision, "eval")
     metrics = evaluate_saved_suite(
-        root, args.max_tokens, device, args.dtype, args.corpus, args.split, args.seed
+        root,
+        args.max_tokens,
+        device,
+        args.dtype,
+        args.corpus,
+        args.split,
+        args.seed,
+        args.base_model,
     )
     print(metric_table(metrics))
     print(by_t_table(metrics))
@@ -225,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="corpus split (default: the one the suite was evaluated on when trained)",
     )
     ev.add_argument("--seed", type=int, default=0, help="seed of the document order and the masks")
+    ev.add_argument(
+        "--base-model",
+        metavar="OTHER",
+        help="measure the SAEs on another checkpoint of the same width (a fine-tune, base -> "
+        "instruct): name, folder or hub repo id; needs --out (default: the suite's base model)",
+    )
 
     feat = commands.add_parser(
         "features", help="rescan feature statistics: histograms, examples by band, logit effects"
@@ -263,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         metavar="DIR",
         help="new folder for a copy of SUITE to write the metrics into (needed when SUITE is a "
-        "repo id; default: SUITE itself)",
+        "repo id and with --base-model; default: SUITE itself)",
     )
     for sub in (ev, feat, card):
         sub.add_argument("--revision", help="hub revision, when SUITE is a repo id")

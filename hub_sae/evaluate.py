@@ -20,9 +20,11 @@ from __future__ import annotations
 import itertools
 import math
 import sys
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,9 @@ from hub_sae.masking import CorruptedBatch, Corruption, check_policy, corrupt
 from hub_sae.models import BaseModel, family, load_base_model
 from hub_sae.models.unmasking import with_unmasking_head
 from hub_sae.sae import TopKSAE
+
+if TYPE_CHECKING:
+    from hub_sae.suite import SuiteInfo
 
 SUMMARY_FILE = "metrics.json"
 """The suite-level summary `hub-sae eval` writes at the root (per-SAE metrics stay in layer folders)."""
@@ -179,12 +184,37 @@ def predictions(base: BaseModel, input_ids: Tensor, attention_mask: Tensor | Non
     return base.align(out) if base.has_lm_head else out
 
 
+def _spliced(
+    base: BaseModel, layer: int, fn: Callable[[Tensor], Tensor], batch: CorruptedBatch, mask: Tensor
+) -> Tensor:
+    """`predictions` of the corrupted batch with block `layer`'s output replaced by `fn` of it."""
+    with splice(base, layer, fn):
+        return predictions(base, batch.input_ids, mask)
+
+
+@torch.no_grad()
+def zero_ablated(
+    base: BaseModel, layer: int, batch: CorruptedBatch, attention_mask: Tensor
+) -> Tensor:
+    """`predictions` with block `layer`'s output zeroed at the selected positions."""
+    selected = batch.selected
+    return _spliced(
+        base, layer, lambda h: h.masked_fill(selected[..., None], 0), batch, attention_mask
+    )
+
+
 @torch.no_grad()
 def splice_outputs(
-    base: BaseModel, sae: TopKSAE, batch: CorruptedBatch, attention_mask: Tensor
+    base: BaseModel,
+    sae: TopKSAE,
+    batch: CorruptedBatch,
+    attention_mask: Tensor,
+    clean: Tensor | None = None,
+    zero: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """The model's `predictions` clean, with the SAE spliced in at the selected positions, and
-    zero-ablated."""
+    zero-ablated. `clean` and `zero` (`zero_ablated` at the SAE's layer), when given, are this
+    batch's, computed once for several SAEs: reused, not run again."""
     selected = batch.selected
 
     def with_reconstruction(h: Tensor) -> Tensor:
@@ -192,53 +222,97 @@ def splice_outputs(
         h[selected] = sae(h[selected].to(sae.device)).reconstruction.to(h.dtype)
         return h
 
-    def with_zeros(h: Tensor) -> Tensor:
-        return h.masked_fill(selected[..., None], 0)
-
-    outputs = {"clean": predictions(base, batch.input_ids, attention_mask)}
-    for name, fn in (("spliced", with_reconstruction), ("zero", with_zeros)):
-        with splice(base, sae.layer, fn):
-            outputs[name] = predictions(base, batch.input_ids, attention_mask)
-    return outputs
+    return {
+        "clean": predictions(base, batch.input_ids, attention_mask) if clean is None else clean,
+        "spliced": _spliced(base, sae.layer, with_reconstruction, batch, attention_mask),
+        "zero": zero_ablated(base, sae.layer, batch, attention_mask) if zero is None else zero,
+    }
 
 
 def _splice_metrics(
-    base: BaseModel, sae: TopKSAE, batches: list[tuple[Tensor, Tensor, CorruptedBatch]]
-) -> dict:
-    sums: dict[str, float] = {}
+    base: BaseModel,
+    saes: dict[tuple[int, int], TopKSAE],
+    batches: list[tuple[Tensor, Tensor, CorruptedBatch]],
+    progress: bool = False,
+) -> dict[tuple[int, int], dict]:
+    """Spliced metrics per SAE. Per batch, one clean run serves every SAE and one zero-ablated
+    run every k of a layer; each SAE adds its own spliced run."""
+    sums: dict[tuple[int, int], dict[str, float]] = {key: {} for key in saes}
+    layers = sorted({layer for layer, _ in saes})
+    for input_ids, attention_mask, batch in tqdm(
+        batches, desc="spliced runs", unit="batch", disable=not progress
+    ):
+        clean = predictions(base, batch.input_ids, attention_mask)
+        for layer in layers:
+            zero = zero_ablated(base, layer, batch, attention_mask)
+            for key in (key for key in saes if key[0] == layer):
+                out = splice_outputs(base, saes[key], batch, attention_mask, clean, zero)
+                _add_splice_terms(sums[key], base, out, input_ids, attention_mask, batch)
+    return {key: _splice_summary(values, len(batches)) for key, values in sums.items()}
+
+
+def _add_splice_terms(
+    sums: dict[str, float],
+    base: BaseModel,
+    out: dict[str, Tensor],
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    batch: CorruptedBatch,
+) -> None:
+    """Add one batch's spliced losses (or, without an LM head, output similarities) to `sums`."""
 
     def add(name: str, value: Tensor | float) -> None:
         sums[name] = sums.get(name, 0.0) + float(value)
 
-    for input_ids, attention_mask, batch in batches:
-        out = splice_outputs(base, sae, batch, attention_mask)
-        if base.has_lm_head:
-            ar = base.family == "ar"
-            prefix, loss = (
-                ("next_token", next_token_loss) if ar else ("policy_splice", masked_lm_loss)
-            )
-            if (batch.selected if ar else batch.is_masked).any():
-                for name, logits in out.items():
-                    add(f"{prefix}_ce_{name}", loss(logits, input_ids, batch))
-        else:
-            real = attention_mask.bool()
-            clean = out["clean"][real].float()
-            for name in ("spliced", "zero"):
-                other = out[name][real].float()
-                add(f"cosine_{name}", F.cosine_similarity(other, clean, dim=-1).mean())
-                add(f"rel_mse_{name}", (other - clean).pow(2).sum() / clean.pow(2).sum())
-    n = len(batches)
+    if base.has_lm_head:
+        ar = base.family == "ar"
+        prefix, loss = ("next_token", next_token_loss) if ar else ("policy_splice", masked_lm_loss)
+        if (batch.selected if ar else batch.is_masked).any():
+            for name, logits in out.items():
+                add(f"{prefix}_ce_{name}", loss(logits, input_ids, batch))
+    else:
+        real = attention_mask.bool()
+        clean = out["clean"][real].float()
+        for name in ("spliced", "zero"):
+            other = out[name][real].float()
+            add(f"cosine_{name}", F.cosine_similarity(other, clean, dim=-1).mean())
+            add(f"rel_mse_{name}", (other - clean).pow(2).sum() / clean.pow(2).sum())
+
+
+def _splice_summary(sums: dict[str, float], n: int) -> dict:
+    """Means over `n` batches and the derived numbers: delta CE, loss and output recovered."""
     metrics = {name: value / n for name, value in sums.items()}
     for prefix in ("policy_splice", "next_token"):
         if f"{prefix}_ce_clean" not in metrics:
             continue
-        clean, spliced, zero = (metrics[f"{prefix}_ce_{n}"] for n in ("clean", "spliced", "zero"))
+        clean, spliced, zero = (metrics[f"{prefix}_ce_{r}"] for r in ("clean", "spliced", "zero"))
         gap = zero - clean
         metrics[f"{prefix}_loss_recovered"] = (zero - spliced) / gap if gap else math.nan
         metrics[f"{prefix}_delta_ce"] = spliced - clean
     if "rel_mse_zero" in metrics:
         metrics["output_recovered"] = 1 - metrics["rel_mse_spliced"] / metrics["rel_mse_zero"]
     return metrics
+
+
+def _predictions_and_blocks(
+    base: BaseModel, input_ids: Tensor, attention_mask: Tensor, layers: list[int]
+) -> tuple[Tensor, dict[int, Tensor]]:
+    """`predictions` and, read from the same forward, the outputs [B, T, d] of `layers`' blocks
+    (what `capture` would return, without a forward of its own)."""
+    acts: dict[int, Tensor] = {}
+
+    def record(layer: int) -> Callable[[Tensor], Tensor]:
+        def fn(h: Tensor) -> Tensor:
+            acts[layer] = h.clone()
+            return h
+
+        return fn
+
+    with ExitStack() as stack:
+        for layer in layers:
+            stack.enter_context(splice(base, layer, record(layer)))
+        out = predictions(base, input_ids, attention_mask)
+    return out, acts
 
 
 class _BinSums:
@@ -308,9 +382,11 @@ def evaluate_by_t(
                 Corruption(t_min=t_min, t_max=t_max),
                 generator,
             )
-            acts = capture(base, batch.input_ids, attention_mask, layers)
+            if base.has_lm_head:  # the clean run also yields the activations
+                clean, acts = _predictions_and_blocks(base, batch.input_ids, attention_mask, layers)
+            else:
+                clean, acts = None, capture(base, batch.input_ids, attention_mask, layers)
             groups = {"masked": batch.is_masked, "unmasked": batch.selected & ~batch.is_masked}
-            clean = predictions(base, batch.input_ids, attention_mask) if base.has_lm_head else None
             for (layer, k), sae in saes.items():
                 h = acts[layer]
                 out = sae(h.flatten(0, 1).to(sae.device, sae.dtype))
@@ -418,8 +494,9 @@ def evaluate_suite(
     by_t = {}
     if by_t_batches and base.family != "ar":
         by_t = evaluate_by_t(base, saes, data, by_t_batches, seed)
+    spliced = _splice_metrics(base, saes, kept, progress)
     metrics = {}
-    for key, sae in tqdm(saes.items(), desc="spliced runs", unit="sae", disable=not progress):
+    for key in saes:
         frequency = counts[key] / tokens
         fvu = moments[key].fvu()
         metrics[key] = {
@@ -431,7 +508,7 @@ def evaluate_suite(
             "l0": l0[key] / tokens,
             "dead_share": float((frequency == 0).float().mean()),
             "density_histogram": density_histogram(frequency),
-            **_splice_metrics(base, sae, kept),
+            **spliced[key],
         }
         if key in by_t:
             metrics[key].update(by_t_summary(by_t[key]), by_t=by_t[key])
@@ -450,6 +527,28 @@ def heldout_tokens(base: BaseModel, data: DataConfig, limit: int) -> int:
     return tokens
 
 
+def check_base_model(info: SuiteInfo, name: str) -> None:
+    """Refuse a base model `name` that cannot run the suite's policy or, when it is not the
+    suite's own, whose hidden size is not the SAEs' width: read from its config.json alone
+    (fetched for a hub repo id), before any weights load."""
+    from hub_sae.io import HubOptions, local_path
+    from hub_sae.models import DEFAULT_MODEL
+    from hub_sae.training.plan import model_shape
+
+    check_policy(info.policy, family(name))
+    if name == info.base_model:
+        return
+    if name != DEFAULT_MODEL and local_path(name) is None:
+        HubOptions().snapshot(name, allow_patterns=["config.json"])
+    width = model_shape(name).d_model
+    if width != info.d_in:
+        raise ValueError(
+            f"{name} has width {width} (hidden size), but the suite's SAEs read activations of "
+            f"width {info.d_in} ({info.base_model}): evaluate them on a checkpoint of width "
+            f"{info.d_in}, such as a fine-tune of {info.base_model}."
+        )
+
+
 def _previous_metrics(path: Path) -> dict:
     """A layer's metrics.json before re-evaluation ({} when absent); a clear error when unreadable."""
     if not path.is_file():
@@ -465,6 +564,7 @@ def evaluate_saved_suite(
     corpus: str | None = None,
     split: str | None = None,
     seed: int = 0,
+    base_model: str | None = None,
 ) -> dict[tuple[int, int], dict]:
     """Re-measure every SAE of a suite on held-out text under its policy and corruption.
 
@@ -472,12 +572,16 @@ def evaluate_saved_suite(
     and the summary metrics.json at the root, only once every SAE is evaluated; returns the metrics
     per (layer, k). Nothing is read or written outside `root`. The suite's lock (the trainer's run
     lock) is held throughout: a run rewriting it, or another writer, stops the evaluation at once.
+    `base_model` (default: the suite's) measures the SAEs on another checkpoint of the same width,
+    e.g. a fine-tune; the summary's `eval.base_model` names the model measured on.
     """
     from hub_sae.io import folder_lock
 
     fix = "a training run or another command is writing it: wait for it to finish, then evaluate."
     with folder_lock(root, fix):
-        return _evaluate_saved_suite(root, max_tokens, device, dtype, corpus, split, seed)
+        return _evaluate_saved_suite(
+            root, max_tokens, device, dtype, corpus, split, seed, base_model
+        )
 
 
 def _evaluate_saved_suite(
@@ -488,13 +592,15 @@ def _evaluate_saved_suite(
     corpus: str | None,
     split: str | None,
     seed: int,
+    base_model: str | None,
 ) -> dict[tuple[int, int], dict]:
     """`evaluate_saved_suite`, under the suite's lock."""
     from hub_sae.io import write_json
     from hub_sae.suite import DTYPES, layer_folders, read_suite
 
     info = read_suite(root)
-    check_policy(info.policy, family(info.base_model))
+    model = base_model or info.base_model
+    check_base_model(info, model)
     max_tokens = info.eval_tokens if max_tokens is None else max_tokens
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError(
@@ -506,11 +612,11 @@ def _evaluate_saved_suite(
     data = info.heldout(corpus, split, seed)
     folders = layer_folders(root, info)
     previous = {key: _previous_metrics(folder / "metrics.json") for key, folder in folders.items()}
-    base = load_base_model(info.base_model, dtype=getattr(torch, dtype), device=device)
+    base = load_base_model(model, dtype=getattr(torch, dtype), device=device)
     if data.ctx_len > base.max_length:
         raise ValueError(
             f"{root / 'suite.json'}: `training.ctx_len` {data.ctx_len} exceeds "
-            f"{info.base_model}'s maximum of {base.max_length} tokens; set it to "
+            f"{model}'s maximum of {base.max_length} tokens; set it to "
             f"{base.max_length} or less (the trainer refuses longer contexts too)."
         )
     split_tokens = heldout_tokens(base, data, max_tokens)
@@ -536,6 +642,7 @@ def _evaluate_saved_suite(
     for key, values in metrics.items():
         write_json(folders[key] / "metrics.json", {**previous[key], **values})
     settings = {
+        "base_model": model,
         "corpus": data.corpus,
         "split": data.split,
         "ctx_len": data.ctx_len,

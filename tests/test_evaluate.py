@@ -1,23 +1,28 @@
 """Evaluation the DLM way: metrics by masking ratio, both spliced losses, on a real trained suite."""
 
+import itertools
 import json
 import math
+from collections import defaultdict
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from hub_sae.data import DataConfig
+from hub_sae.activations import capture, harvest_text, splice
+from hub_sae.data import DataConfig, token_batches
 from hub_sae.evaluate import (
     METRICS,
     T_BINS,
     by_t_summary,
     evaluate_by_t,
+    evaluate_suite,
     masked_lm_loss,
+    predictions,
     unmasked_lm_loss,
 )
-from hub_sae.masking import CorruptedBatch
-from hub_sae.models import load_base_model
+from hub_sae.masking import CorruptedBatch, Corruption, corrupt
+from hub_sae.models import BaseModel, load_base_model
 from hub_sae.models.unmasking import with_unmasking_head
 from hub_sae.sae import TopKSAE
 from hub_sae.suite import layer_folders
@@ -86,3 +91,128 @@ def test_trained_suite_metrics_hold_both_spliced_losses_and_the_bins(trained_sui
         assert metrics["policy_splice_delta_ce"] == pytest.approx(
             metrics["policy_splice_ce_spliced"] - metrics["policy_splice_ce_clean"]
         )
+
+
+SPLICED = ("policy_splice", "next_token", "cosine_", "rel_mse_", "output_recovered")
+"""Prefixes of the metrics the spliced runs give."""
+
+
+def reference_splice(base: BaseModel, sae: TopKSAE, batches: list) -> dict[str, float]:
+    """The spliced metrics of one SAE as before the runs were shared: per batch, its own clean,
+    spliced and zero-ablated runs (masked-token loss, or output similarity without an LM head)."""
+    sums: dict[str, float] = defaultdict(float)
+    for input_ids, attention_mask, batch in batches:
+        selected = batch.selected
+
+        def reconstruct(h, selected=selected):
+            h = h.clone()
+            h[selected] = sae(h[selected]).reconstruction
+            return h
+
+        out = {"clean": predictions(base, batch.input_ids, attention_mask)}
+        for name, fn in (
+            ("spliced", reconstruct),
+            ("zero", lambda h, selected=selected: h.masked_fill(selected[..., None], 0)),
+        ):
+            with splice(base, sae.layer, fn):
+                out[name] = predictions(base, batch.input_ids, attention_mask)
+        if base.has_lm_head:
+            if batch.is_masked.any():
+                for name, logits in out.items():
+                    sums[f"policy_splice_ce_{name}"] += float(
+                        masked_lm_loss(logits, input_ids, batch)
+                    )
+            continue
+        real = attention_mask.bool()
+        clean = out["clean"][real].float()
+        for name in ("spliced", "zero"):
+            other = out[name][real].float()
+            sums[f"cosine_{name}"] += float(F.cosine_similarity(other, clean, dim=-1).mean())
+            sums[f"rel_mse_{name}"] += float((other - clean).pow(2).sum() / clean.pow(2).sum())
+    m = {name: value / len(batches) for name, value in sums.items()}
+    if base.has_lm_head:
+        clean, spliced, zero = (m[f"policy_splice_ce_{r}"] for r in ("clean", "spliced", "zero"))
+        m["policy_splice_loss_recovered"] = (zero - spliced) / (zero - clean)
+        m["policy_splice_delta_ce"] = spliced - clean
+    else:
+        m["output_recovered"] = 1 - m["rel_mse_spliced"] / m["rel_mse_zero"]
+    return m
+
+
+def reference_by_t(base: BaseModel, sae: TopKSAE, data: DataConfig, seed: int) -> list[dict]:
+    """One SAE's rows by t as before: per bin a capture run, a clean run and a spliced run of one
+    held-out batch, masked with the same draws as `evaluate_by_t`."""
+    ((input_ids, attention_mask),) = itertools.islice(
+        token_batches(data, base.tokenizer, base.bos_token_id, base.eos_token_id), 1
+    )
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for t_min, t_max in T_BINS:
+        corruption = Corruption(t_min=t_min, t_max=t_max)
+        batch = corrupt(input_ids, attention_mask, base.mask_token_id, "all", corruption, generator)
+        h = capture(base, batch.input_ids, attention_mask, [sae.layer])[sae.layer]
+        out = sae(h.flatten(0, 1))
+        recon = out.reconstruction.view_as(h)
+        active = (out.latents.top_acts > 0).sum(-1).view(h.shape[:2])
+        row = {"t_min": t_min, "t_max": t_max, "t_mean": float(batch.p[0])}
+        for group, where in (
+            ("masked", batch.is_masked),
+            ("unmasked", batch.selected & ~batch.is_masked),
+        ):
+            x, x_hat = h[where].double(), recon[where].double()
+            n = len(x)
+            total = x.pow(2).sum().item() - x.sum(0).pow(2).sum().item() / n
+            row[f"{group}_tokens"] = n
+            row[f"fvu_{group}"] = (x - x_hat).pow(2).sum().item() / total
+            row[f"l0_{group}"] = float(active[where].sum()) / n
+        if base.has_lm_head:
+            clean = predictions(base, batch.input_ids, attention_mask)
+            with splice(base, sae.layer, lambda _, recon=recon: recon):
+                spliced = predictions(base, batch.input_ids, attention_mask)
+            for variant, loss in (("mask", masked_lm_loss), ("unmask", unmasked_lm_loss)):
+                delta = loss(spliced, input_ids, batch) - loss(clean, input_ids, batch)
+                row[f"dlm_scope_delta_lm_{variant}"] = float(delta)
+        rows.append(row)
+    return rows
+
+
+def same(a, b) -> bool:
+    """Equal, NaN included (a metric that cannot be measured is NaN in both)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+@torch.no_grad()
+def assert_shared_runs_change_nothing(base: BaseModel, saes: dict) -> None:
+    """evaluate_suite's metrics equal, bit for bit, those of one clean and one zero-ablated run
+    per SAE (`reference_splice`) and of a capture run per SAE and bin (`reference_by_t`)."""
+    data = DataConfig(split="heldout", ctx_len=64, batch_size=4)
+    corruption = Corruption()
+    metrics = evaluate_suite(
+        base, saes, "mask", corruption, data, 512, seed=3, splice_batches=2, progress=False
+    )
+    layers = sorted({layer for layer, _ in saes})
+    harvested = harvest_text(base, data, layers, "mask", corruption, 512, seed=3, passes=None)
+    kept = [(ids, mask, h.batch) for ids, mask, h in itertools.islice(harvested, 2)]
+    for key, sae in saes.items():
+        expected = reference_splice(base, sae, kept)
+        got = {name: v for name, v in metrics[key].items() if name.startswith(SPLICED)}
+        assert same(got, expected), key
+        assert same(metrics[key]["by_t"], reference_by_t(base, sae, data, seed=3)), key
+
+
+def test_shared_clean_and_zeroed_runs_give_the_metrics_of_one_run_per_sae(trained_suite):
+    """Two k on layer 1 share its zero-ablated run; all three SAEs share the clean run."""
+    base = with_unmasking_head(load_base_model("minilm"))
+    saes = {
+        key: TopKSAE.from_pretrained(f).eval() for key, f in layer_folders(trained_suite).items()
+    }
+    k16 = TopKSAE(saes[1, 8].d_in, saes[1, 8].d_sae, 16, layer=1, base_model="minilm")
+    k16.load_state_dict(saes[1, 8].state_dict())
+    saes[1, 16] = k16.eval()
+    assert_shared_runs_change_nothing(base, saes)

@@ -112,7 +112,13 @@ def add_analyses(analyze: argparse.ArgumentParser) -> None:
         "suite_ar", nargs="?", help="suite of an autoregressive model, drawn beside it"
     )
     insertion.add_argument(
-        "--max-tokens", type=positive_int, help="held-out activations per SAE (default: the run's)"
+        "--max-tokens",
+        type=positive_int,
+        help="held-out tokens per loss and t bin, in whole batches (default: 1024)",
+    )
+    insertion.add_argument("--k", type=int, help="SUITE's SAEs with this k (default: its default)")
+    insertion.add_argument(
+        "--k-ar", type=int, help="SUITE_AR's SAEs with this k (default: its default)"
     )
     _common(insertion)
 
