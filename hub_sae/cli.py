@@ -26,6 +26,7 @@ import argparse
 import shutil
 import sys
 from dataclasses import fields
+from importlib import import_module
 from pathlib import Path
 
 
@@ -125,15 +126,40 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _features(args: argparse.Namespace) -> int:
-    """`hub-sae features`: rescan a suite's training text for its feature statistics."""
+    """`hub-sae features`: rescan a suite's training text (its corpus, seed, policy and corruption)
+    and write every SAE's features.safetensors, each atomically, once all are scanned, under the
+    suite's lock. --max-tokens defaults to the run's feature_tokens."""
     import time
 
-    from hub_sae.features import FEATURES_FILE, features_of_saved_suite
+    import torch
+
+    from hub_sae.data import DataConfig
+    from hub_sae.features import FEATURE_TOKENS, FEATURES_FILE, collect_features, save_features
+    from hub_sae.io import folder_lock
+    from hub_sae.models import load_base_model
+    from hub_sae.sae import TopKSAE
+    from hub_sae.suite import layer_folders, read_suite
 
     device = torch_device(args.device)
     root = suite_to_write(args.suite, args.out, args.revision, "features")
     start = time.perf_counter()
-    tokens = features_of_saved_suite(root, args.max_tokens, device)
+    fix = "a training run or another command is writing it: wait for it to finish, then rerun."
+    with folder_lock(root, fix):
+        info = read_suite(root)
+        training = info.training
+        max_tokens = args.max_tokens or training.get("feature_tokens") or FEATURE_TOKENS
+        data = info.heldout(
+            training.get("corpus", DataConfig().corpus), "train", training.get("seed", 0)
+        )
+        base = load_base_model(info.base_model, dtype=getattr(torch, info.dtype), device=device)
+        folders = layer_folders(root, info)
+        saes = {key: TopKSAE.from_pretrained(f, device=device).eval() for key, f in folders.items()}
+        stats = collect_features(
+            base, saes, info.policy, info.corruption, data, max_tokens, seed=data.seed
+        )
+        for key, folder in folders.items():
+            save_features(folder / FEATURES_FILE, stats[key], {"base_model": info.base_model})
+    tokens = next(iter(stats.values())).tokens
     print(
         f"wrote every SAE's {FEATURES_FILE} under {root} ({tokens:,} positions scanned in "
         f"{time.perf_counter() - start:.1f} s)"
@@ -215,6 +241,134 @@ def _export(args: argparse.Namespace) -> int:
     print(f"wrote {len(folders)} {args.format} folder(s) under {args.out}:")
     for folder in folders:
         print(f"  {folder}")
+    return 0
+
+
+ANALYSES = {
+    "order": "hub_sae.analysis.dynamics:run_order",
+    "steer": "hub_sae.analysis.steering:run_steer",
+    "compare": "hub_sae.analysis.matching:run_compare",
+    "insertion": "hub_sae.analysis.insertion:run_insertion",
+}
+"""Each `hub-sae analyze` command's `run(args) -> Report` (args.device resolved), imported only
+when that command runs."""
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, metavar="DIR", help="new (or empty) folder")
+    parser.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+
+
+def _decoding(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompts", required=True, metavar="FILE", help="one prompt per line")
+    parser.add_argument("--k", type=int, help="the suite's SAEs with this k (default: its default)")
+    parser.add_argument("--gen-length", type=int, default=32, help="tokens to generate")
+    parser.add_argument("--steps", type=int, default=32, help="decoding steps")
+
+
+def _add_analyses(analyze: argparse.ArgumentParser) -> None:
+    """Add the subcommands of `hub-sae analyze` to its parser."""
+    commands = analyze.add_subparsers(dest="analysis", required=True)
+
+    order = commands.add_parser(
+        "order", help="feature dynamics of each sampler and decoding order, side by side"
+    )
+    order.add_argument("suite", help="suite folder or hub repo id")
+    order.add_argument("--layer", type=int, help="layer to trace (default: the suite's default)")
+    _decoding(order)
+    order.add_argument(
+        "--block-length",
+        type=positive_int,
+        help="LLaDA's block length, dividing --gen-length (default: one block, as Dream's)",
+    )
+    order.add_argument(
+        "--top",
+        type=positive_int,
+        help="features recorded per position and step, the sets compared (default: the SAEs' k)",
+    )
+    _common(order)
+
+    steer = commands.add_parser(
+        "steer", help="DLM-Scope steering sweep: concept and fluency by steering value"
+    )
+    steer.add_argument("suite", help="suite folder or hub repo id")
+    steer.add_argument("--layer", type=int, required=True, help="layer of the steered feature")
+    steer.add_argument("--feature", type=int, required=True, help="feature id to steer")
+    steer.add_argument(
+        "--values", type=float, nargs="+", default=[0, 1, 2, 4, 8], help="steering values"
+    )
+    steer.add_argument(
+        "--mode",
+        choices=["relative", "add", "clamp"],
+        default="relative",
+        help="relative (DLM-Scope): feature += value x the position's largest SAE activation; "
+        "add: feature += value; clamp: feature = value",
+    )
+    steer.add_argument(
+        "--positions",
+        choices=["all", "masked", "top"],
+        default="all",
+        help="steer at every position, the still-masked ones, or the --top-positions where the "
+        "feature fires most (each step)",
+    )
+    steer.add_argument(
+        "--top-positions", type=positive_int, default=1, help="with --positions top: how many"
+    )
+    steer.add_argument(
+        "--sampler",
+        choices=["llada", "dream"],
+        help="LLaDA's generate or Dream's diffusion_generate (default: the model family's)",
+    )
+    _decoding(steer)
+    _common(steer)
+
+    compare = commands.add_parser(
+        "compare", help="match two suites' features one to one by decoder cosine"
+    )
+    compare.add_argument("suite_a", help="suite folder, release or hub repo id")
+    compare.add_argument("suite_b", help="suite folder, release or hub repo id")
+    compare.add_argument(
+        "--thresholds",
+        type=float,
+        nargs="+",
+        default=[0.5, 0.7, 0.9],
+        help="report the share of matched pairs with cosine above each",
+    )
+    compare.add_argument("--out", required=True, metavar="DIR", help="new (or empty) folder")
+
+    insertion = commands.add_parser(
+        "insertion", help="SAE insertion loss by layer and masking ratio; DLM beside AR"
+    )
+    insertion.add_argument("suite", help="suite of a diffusion LM (folder or hub repo id)")
+    insertion.add_argument(
+        "suite_ar", nargs="?", help="suite of an autoregressive model, drawn beside it"
+    )
+    insertion.add_argument(
+        "--max-tokens",
+        type=positive_int,
+        help="held-out tokens per loss and t bin, in whole batches (default: 1024)",
+    )
+    insertion.add_argument("--k", type=int, help="SUITE's SAEs with this k (default: its default)")
+    insertion.add_argument(
+        "--k-ar", type=int, help="SUITE_AR's SAEs with this k (default: its default)"
+    )
+    _common(insertion)
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    """`hub-sae analyze NAME`: compute its Report, write it into --out, print its table."""
+    from hub_sae.analysis.report import write_report
+
+    if hasattr(args, "device"):
+        args.device = torch_device(args.device)
+    module, name = ANALYSES[args.analysis].split(":")
+    report = getattr(import_module(module), name)(args)
+    out = write_report(report, args.out)
+    print(report.table)
+    print(f"wrote {out}/{report.name}.json, .png and .md")
     return 0
 
 
@@ -338,9 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--split", help="its split (default: the suite's held-out split)")
     cache.add_argument("--seed", type=int, help="seed of the document order and masks (default: 0)")
 
-    from hub_sae.analysis.commands import add_analyses
-
-    add_analyses(commands.add_parser("analyze", help="DLM-Scope's analyses of a suite"))
+    _add_analyses(commands.add_parser("analyze", help="DLM-Scope's analyses of a suite"))
     return parser
 
 
@@ -364,9 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             return _export(args)
         if args.command == "analyze":
-            from hub_sae.analysis.commands import run_analysis
-
-            return run_analysis(args)
+            return _analyze(args)
         return _push(args)
     except (OSError, ValueError, FolderBusyError) as e:
         print(f"hub-sae: error: {e}", file=sys.stderr)

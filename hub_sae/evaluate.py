@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from hub_sae.activations import capture, harvest_text, splice
 from hub_sae.data import DataConfig, token_batches
 from hub_sae.io import read_json_object
-from hub_sae.masking import CorruptedBatch, Corruption, check_policy, corrupt
+from hub_sae.masking import T_BINS, CorruptedBatch, Corruption, check_policy, corrupt
 from hub_sae.models import BaseModel, family, load_base_model
 from hub_sae.models.unmasking import with_unmasking_head
 from hub_sae.sae import TopKSAE
@@ -112,8 +112,6 @@ METRICS = (
         "models without an LM head: cosine of the spliced final hidden state to the clean one",
     ),
 )
-T_BINS = ((0.05, 0.14), (0.14, 0.23), (0.23, 0.32), (0.32, 0.41), (0.41, 0.5), (0.5, 0.95))
-"""Masking-ratio bins of `evaluate_by_t`: five over the training range, one beyond it."""
 TRAINING_RANGE = (0.05, 0.5)
 
 DENSITY_BINS = torch.linspace(-6, 0, 13)

@@ -15,7 +15,7 @@ tokens). Version 2 (metadata `version` "2"):
                                       masking ratio t lies in bin [t_edges[i], t_edges[i + 1])
                                       (t below / above the edges: the end bins)
     positions_by_t      [T] i64       the policy's positions scanned in each t bin
-    t_edges             [T + 1] f32   hub_sae.evaluate.T_BINS' edges
+    t_edges             [T + 1] f32   hub_sae.masking.T_BINS' edges
     frequency_masked    [F] f32       firing share at every masked position (0 when none was seen)
     frequency_unmasked  [F] f32       firing share at every unmasked real position but BOS
     example_values      [F, E, S] f32 each example's activation, descending within a band (0: unused)
@@ -35,7 +35,9 @@ Examples: band 0 holds the latent's top S activations. Band b in 1..bands holds 
 uniformly at random from quantile range [1 - b / bands, 1 - (b - 1) / bands] of its non-zero
 activations (band 1: the highest); "drawn from" at the resolution of the reservoir bins (POOL
 histogram bins each): every activation in the reservoir bins that hold the band's lowest and
-highest ranked activations, and those between, is a candidate. Only the policy's positions give
+highest ranked activations, and those between, is a candidate, unless a top example or a higher
+band already shows it (bands share their boundary bins; an example is shown once, so a band
+next to a shown one can hold fewer than S). Only the policy's positions give
 examples, histogram, mean and frequency_by_t; the masked / unmasked shares read every real
 position but BOS of the same corrupted batches.
 
@@ -71,8 +73,8 @@ from torch import Tensor, nn
 from hub_sae.activations import capture
 from hub_sae.data import DataConfig, token_batches
 from hub_sae.io import write_atomic
-from hub_sae.masking import Corruption, corrupt, select_positions
-from hub_sae.models import BaseModel
+from hub_sae.masking import T_BINS, Corruption, corrupt, select_positions
+from hub_sae.models import BaseModel, vocab_limit
 
 if TYPE_CHECKING:  # sae.py loads through formats.py, which reads suites: no import back
     from hub_sae.sae import TopKSAE
@@ -179,7 +181,6 @@ def check_sizes(window: int, bands: int, slots: int) -> None:
 
 
 def _t_edges() -> Tensor:
-    from hub_sae.evaluate import T_BINS  # evaluate imports sae, which imports this module
 
     return torch.tensor([T_BINS[0][0], *(high for _, high in T_BINS)])
 
@@ -296,12 +297,20 @@ class _Scan:
         keys = self.reservoir.key.view(d_sae, pools * slots)
         pool_of = torch.arange(pools).repeat_interleave(slots)
         chosen, index = [self.top.key], [torch.arange(slots).expand(d_sae, -1)]
+        # an example is shown once: not in a band when it is a top one (same activation), nor in
+        # two bands whose reservoir bins overlap
+        values = self.reservoir.value.view(d_sae, pools * slots)
+        tops = self.top.value.masked_fill(torch.isinf(self.top.key), float("nan"))
+        taken = (values[:, :, None] == tops[:, None, :]).any(-1)
         for b in range(1, bands + 1):
             low, high = n * (bands - b) // bands, n * (bands - b + 1) // bands  # ranks [low, high)
             first = torch.searchsorted(cum, low, right=True) // POOL
             last = torch.searchsorted(cum, (high - 1).clamp(min=0), right=True) // POOL
-            inside = (pool_of >= first) & (pool_of <= last) & (high > low)
+            inside = (pool_of >= first) & (pool_of <= last) & (high > low) & ~taken
             top = keys.masked_fill(~inside, float("-inf")).topk(slots, dim=1)
+            taken.scatter_(
+                1, top.indices, torch.isfinite(top.values) | taken.gather(1, top.indices)
+            )
             chosen.append(top.values)
             index.append(top.indices)
         unused = torch.isinf(torch.stack(chosen, 1))
@@ -364,7 +373,6 @@ def logit_effects(head: nn.Module, sae: TopKSAE, vocab: int, n: int = LOGIT_TOKE
 
 def _logit_fields(base: BaseModel, saes: Mapping[object, TopKSAE]) -> dict[object, dict]:
     """Each SAE's logit effects, through the fitted head for the embedded MiniLM ({} without one)."""
-    from hub_sae.diffusion.timeline import vocab_limit  # diffusion imports sae: no import back
     from hub_sae.models.unmasking import with_unmasking_head
 
     head = unembed(with_unmasking_head(base))
@@ -458,34 +466,6 @@ def collect_features(
         key: _stats(scan, bands, window, counts, by_t, t_edges, policy, data.corpus, logits[key])
         for key, scan in scans.items()
     }
-
-
-def features_of_saved_suite(root: Path, max_tokens: int | None = None, device: str = "cpu") -> int:
-    """Rescan a saved suite's training text (its corpus, seed, policy and corruption) and write
-    every SAE's features.safetensors, each atomically, once all are scanned, under the suite's lock.
-    `max_tokens` defaults to the run's feature_tokens. Returns the policy positions scanned."""
-    from hub_sae.io import folder_lock
-    from hub_sae.models import load_base_model
-    from hub_sae.sae import TopKSAE
-    from hub_sae.suite import layer_folders, read_suite
-
-    fix = "a training run or another command is writing it: wait for it to finish, then rerun."
-    with folder_lock(root, fix):
-        info = read_suite(root)
-        training = info.training
-        max_tokens = max_tokens or training.get("feature_tokens") or FEATURE_TOKENS
-        data = info.heldout(
-            training.get("corpus", DataConfig().corpus), "train", training.get("seed", 0)
-        )
-        base = load_base_model(info.base_model, dtype=getattr(torch, info.dtype), device=device)
-        folders = layer_folders(root, info)
-        saes = {key: TopKSAE.from_pretrained(f, device=device).eval() for key, f in folders.items()}
-        stats = collect_features(
-            base, saes, info.policy, info.corruption, data, max_tokens, seed=data.seed
-        )
-        for key, folder in folders.items():
-            save_features(folder / FEATURES_FILE, stats[key], {"base_model": info.base_model})
-    return next(iter(stats.values())).tokens
 
 
 def _share(count: Tensor, total: Tensor | int) -> Tensor:

@@ -24,6 +24,9 @@ import torch
 from torch import Tensor
 
 POLICIES = ("mask", "unmask", "all", "clean")
+T_BINS = ((0.05, 0.14), (0.14, 0.23), (0.23, 0.32), (0.32, 0.41), (0.41, 0.5), (0.5, 0.95))
+"""Masking-ratio bins of the metrics and feature statistics by t: five over the training range
+[0.05, 0.5], one beyond it."""
 SCHEDULES = ("dlm_scope", "llada")
 
 

@@ -49,6 +49,7 @@ def independent(suite) -> dict:
 
 def test_insertion_plots_what_evaluate_suite_returns(trained_suite, ar_suite, tmp_path):
     argv = ["analyze", "insertion", str(trained_suite), str(ar_suite), "--out", str(tmp_path)]
+    argv += ["--device", "cpu"]
     report = run_insertion(build_parser().parse_args([*argv, "--max-tokens", str(TOKENS)]))
     data = json.loads((write_report(report, tmp_path / "out") / "insertion.json").read_text())
     dlm_axes, ar_axes = report.figure.axes

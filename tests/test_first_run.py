@@ -30,6 +30,6 @@ def test_plain_run_shows_progress_for_each_phase_and_no_warning(tmp_path: Path) 
     assert run.returncode == 0, run.stderr
     output = run.stdout + run.stderr
     assert "warn" not in output.lower(), output
-    for bar in (TINY_RUN["name"], "evaluation", "spliced runs", "top contexts"):
+    for bar in (TINY_RUN["name"], "evaluation", "spliced runs", "features"):
         assert f"{bar}: 100%" in output, f"no finished progress bar {bar!r} in:\n{output}"
     assert (tmp_path / "runs" / TINY_RUN["name"] / "suite.json").is_file()

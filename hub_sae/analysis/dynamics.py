@@ -115,7 +115,6 @@ def run_order(args: argparse.Namespace) -> Report:
     """`hub-sae analyze order`: each prompt decoded alone (no padding) by every sampler; per sampler
     the dynamics pooled over the prompts and the mean over prompts of `masked_log_likelihood` of
     each decode's new tokens."""
-    from hub_sae.cli import torch_device
 
     prompts = read_prompts(args.prompts)
     if not 1 <= args.steps <= args.gen_length:
@@ -123,7 +122,7 @@ def run_order(args: argparse.Namespace) -> Report:
             f"--steps {args.steps} with --gen-length {args.gen_length}: give 1 <= steps <= "
             "gen-length (a step that commits no token only repeats the last one)."
         )
-    suite = open_suite(args.suite, k=args.k, device=torch_device(args.device))
+    suite = open_suite(args.suite, k=args.k, device=args.device)
     base = suite.base
     if base.mask_token_id is None:
         raise ValueError(

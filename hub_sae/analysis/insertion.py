@@ -159,9 +159,8 @@ def _figure(dlm: dict, ar: dict | None):
 def run_insertion(args: argparse.Namespace) -> Report:
     """`hub-sae analyze insertion SUITE [SUITE_AR]`: ΔLM of the DLM per layer and t bin, beside
     the next-token ΔCE of the autoregressive suite."""
-    from hub_sae.cli import torch_device
 
-    device = torch_device(args.device)
+    device = args.device
     sides = [(str(args.suite), False)] + ([(str(args.suite_ar), True)] if args.suite_ar else [])
     for source, autoregressive in sides:  # before any base model loads
         info = suite_info(source)

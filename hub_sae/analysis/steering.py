@@ -234,11 +234,10 @@ def steering_report(sweep: SteeringSweep, tokenizer) -> Report:
 def run_steer(args: argparse.Namespace) -> Report:
     """`hub-sae analyze steer`: the sweep of --values on the prompts of --prompts."""
     from hub_sae.analysis.report import open_suite, read_prompts
-    from hub_sae.cli import torch_device
 
     check_values(args.values)
     prompts = read_prompts(args.prompts)
-    suite = open_suite(args.suite, k=args.k, device=torch_device(args.device))
+    suite = open_suite(args.suite, k=args.k, device=args.device)
     sweep = steering_sweep(
         suite.base,
         suite.saes,

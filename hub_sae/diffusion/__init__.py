@@ -27,8 +27,8 @@ from hub_sae.diffusion.timeline import (
     masked_log_likelihood,
     timeline_records,
     token_logits,
-    vocab_limit,
 )
+from hub_sae.models import vocab_limit
 
 __all__ = [
     "ALGS",

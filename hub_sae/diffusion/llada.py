@@ -26,8 +26,8 @@ from torch import Tensor
 
 from hub_sae.diffusion.checks import check_number, check_prompt, check_whole
 from hub_sae.diffusion.steer import Steer
-from hub_sae.diffusion.timeline import Generation, Recording, token_logits, vocab_limit
-from hub_sae.models import BaseModel
+from hub_sae.diffusion.timeline import Generation, Recording, token_logits
+from hub_sae.models import BaseModel, vocab_limit
 from hub_sae.sae import TopKSAE
 
 REMASKING = ("low_confidence", "random")

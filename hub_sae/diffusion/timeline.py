@@ -51,11 +51,6 @@ class Generation(NamedTuple):
     timeline: Timeline
 
 
-def vocab_limit(base: BaseModel) -> int:
-    """One past the largest token id the tokenizer can write (LM heads are often padded)."""
-    return max(base.tokenizer.get_vocab().values()) + 1
-
-
 def token_logits(base: BaseModel, logits: Tensor, vocab: int) -> Tensor:
     """Float32 logits [B, T, V] whose row i scores token i (`base.align`), with the mask token and
     ids >= vocab at -inf: the ids no sampler of hub-sae ever commits."""

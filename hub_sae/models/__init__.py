@@ -94,6 +94,11 @@ class BaseModel:
         return out.logits if self.has_lm_head else out.last_hidden_state
 
 
+def vocab_limit(base: BaseModel) -> int:
+    """One past the largest token id the tokenizer can write (LM heads are often padded)."""
+    return max(base.tokenizer.get_vocab().values()) + 1
+
+
 def family(name_or_path: str) -> str:
     """The family (one of FAMILIES) of a model name, local folder or hub repo id.
 

@@ -141,7 +141,9 @@ class TrainConfig:
     )
     feature_tokens: int = field(
         default=32_768,
-        metadata={"help": "training activations scanned for each latent's top contexts (0: skip)"},
+        metadata={
+            "help": "training activations scanned for the feature statistics (features.safetensors; 0: skip)"
+        },
     )
     output_dir: str = "runs"
     seed: int = 0

@@ -2,7 +2,7 @@
 
 start (accelerator, plan against free memory) -> load the base model -> set up (SAEs, optimizer,
 schedule, stream; fresh or resumed) -> fit (step, log, checkpoint) -> finish (gather the SAEs,
-evaluate, top contexts, write the suite).
+evaluate, feature statistics, write the suite).
 """
 
 from __future__ import annotations
@@ -321,7 +321,7 @@ def checkpoint(run: Run) -> None:
 
 
 def finish(run: Run, train_seconds: float) -> Path | None:
-    """Gather the SAEs on process 0, evaluate them, scan top contexts and write the suite."""
+    """Gather the SAEs on process 0, evaluate them, scan their feature statistics and write the suite."""
     cfg, acc, base = run.cfg, run.accelerator, run.base
     dead = dead_shares(run)
     held = [process_memory(run)]
