@@ -13,3 +13,6 @@ if [[ -f benchmarks/space_latency.py ]]; then
     "$PYTHON" benchmarks/space_latency.py
 fi
 "$PYTHON" benchmarks/distribute.py
+if [[ -d runs/minilm-mask ]]; then  # the analyses run on the default suite
+    "$PYTHON" benchmarks/analyses.py
+fi
