@@ -15,9 +15,9 @@
     hub-sae analyze order|steer|compare|insertion ... --out DIR
                                                             DLM-Scope's analyses: JSON, PNG, table
 
-SUITE is a suite folder, or (eval, features, card) a hub repo id: downloaded into the hub cache and copied
-into --out DIR (a new folder), where the command writes; nothing is written into the cache or into
-a folder picked by the repo's name.
+SUITE is a suite folder, or (eval, features, card) a hub repo id: downloaded into the hub cache
+and copied into --out DIR (a new folder), where the command writes; nothing is written into the
+cache or into a folder picked by the repo's name.
 """
 
 from __future__ import annotations

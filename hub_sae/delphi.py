@@ -156,8 +156,8 @@ def scan(
     and record every SAE's non-zero activations at the selected positions, by latent shard.
 
     One forward per batch serves every SAE; entries stream into per-shard lists, 14 bytes per
-    activation (an int32 location triple and a float16): at most k per selected position (k = 32 on the 27 % masked positions of 1M
-    tokens: ~120 MB per SAE), plus the tokens.
+    activation (an int32 location triple and a float16): at most k per selected position (k = 32
+    on the 27 % masked positions of 1M tokens: ~120 MB per SAE), plus the tokens.
     """
     ends = {
         key: torch.tensor([end for _, end in split_edges(sae.d_sae, n_splits)])

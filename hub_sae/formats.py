@@ -302,6 +302,22 @@ def available_layers(
     return sorted({f.layer for f in scan(root) if f.layer is not None and (k is None or f.k == k)})
 
 
+def available_saes(
+    repo_id_or_path: str | Path,
+    *,
+    subfolder: str | None = None,
+    hub: HubOptions | None = None,
+) -> dict[int, list[int]]:
+    """{layer: sorted ks} of the SAEs with a known layer and k in a suite, release or folder
+    (read from their configs only)."""
+    root, _ = _metadata_root(repo_id_or_path, subfolder, hub)
+    keys: dict[int, set[int]] = {}
+    for found in scan(root):
+        if found.layer is not None and found.k is not None:
+            keys.setdefault(found.layer, set()).add(found.k)
+    return {layer: sorted(ks) for layer, ks in sorted(keys.items())}
+
+
 def load_sae(
     repo_id_or_path: str | Path,
     layer: int | None = None,

@@ -27,6 +27,7 @@ from huggingface_hub.errors import EntryNotFoundError
 from torch import Tensor
 
 from hub_sae.activations import capture
+from hub_sae.analysis.report import open_suite
 from hub_sae.diffusion import (
     ALGS,
     REMASKING,
@@ -41,11 +42,10 @@ from hub_sae.diffusion.checks import check_number
 from hub_sae.features import FEATURES_FILE, FeatureStats, load_features, unembed
 from hub_sae.io import HubOptions, inside, local_path
 from hub_sae.masking import Corruption, corrupt, select_positions
-from hub_sae.models import BaseModel, load_base_model
+from hub_sae.models import BaseModel
 from hub_sae.models.chat import chat_inputs
-from hub_sae.models.unmasking import with_unmasking_head
 from hub_sae.sae import EncoderOutput, TopKSAE
-from hub_sae.suite import SUITE_FILE, SuiteInfo, suite_info
+from hub_sae.suite import SUITE_FILE, SuiteInfo
 from hub_sae.training.config import RESERVED_NAMES
 
 LLADA_SUITE = "AwesomeInterpretability/llada-mask-topk-sae"
@@ -301,23 +301,16 @@ class Explorer:
         else the SAE config's)."""
         source = str(source or default_suite())
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        info = suite_info(source)
-        saes = {
-            layer: sae.eval().requires_grad_(False)
-            for layer, sae in TopKSAE.load_suite(source, k=k).items()
-        }
-        first = next(iter(saes.values()))
-        base_model = base_model or (info and info.base_model) or first.base_model
-        if not base_model:
-            raise ValueError(f"{source} names no base model; pass one (--base-model)")
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        suite = open_suite(source, k, device, base_model, use="The Space")
         return cls(
-            base=with_unmasking_head(load_base_model(base_model, dtype=dtype, device=device)),
-            saes={layer: sae.to(device) for layer, sae in saes.items()},
-            policy=info.policy if info else first.policy,
-            features={layer: suite_features(source, info, sae) for layer, sae in saes.items()},
+            base=suite.base,
+            saes=suite.saes,
+            policy=suite.info.policy if suite.info else next(iter(suite.saes.values())).policy,
+            features={
+                layer: suite_features(source, suite.info, sae) for layer, sae in suite.saes.items()
+            },
             title=Path(source).name if Path(source).is_dir() else source,
-            default_layer=info.default_layer if info else None,
+            default_layer=suite.info.default_layer if suite.info else None,
         )
 
     @property

@@ -52,8 +52,8 @@ def measure(
 ) -> dict:
     """`evaluate_suite` on a suite's held-out text: `max_tokens` tokens of held-out batches feed
     each loss (each t bin for a DLM). Returns the settings and metrics per layer."""
-    info = suite_info(source)
     suite = open_suite(source, k=k, device=device)
+    info = suite.info
     # Releases have no suite.json for run_insertion to check before loading: check here.
     check_side(source, suite.base.name, suite.base.family, autoregressive)
     first = next(iter(suite.saes.values()))
@@ -159,7 +159,6 @@ def _figure(dlm: dict, ar: dict | None):
 def run_insertion(args: argparse.Namespace) -> Report:
     """`hub-sae analyze insertion SUITE [SUITE_AR]`: ΔLM of the DLM per layer and t bin, beside
     the next-token ΔCE of the autoregressive suite."""
-
     device = args.device
     sides = [(str(args.suite), False)] + ([(str(args.suite_ar), True)] if args.suite_ar else [])
     for source, autoregressive in sides:  # before any base model loads

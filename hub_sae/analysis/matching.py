@@ -108,22 +108,15 @@ def match_features(
 
 def sae_keys(source: str | Path) -> dict[int, list[int]]:
     """{layer: sorted ks} of every SAE in a suite, release, SAE folder or hub repo (configs only)."""
-    from hub_sae.formats import METADATA_PATTERNS, scan
-    from hub_sae.io import HubOptions, local_path
+    from hub_sae.formats import available_saes
 
-    root = local_path(source) or HubOptions().snapshot(str(source), METADATA_PATTERNS)
-    if not root.is_dir():
-        raise ValueError(f"{source} is a file; give a suite, release or SAE folder.")
-    keys: dict[int, set[int]] = {}
-    for found in scan(root):
-        if found.layer is not None and found.k is not None:
-            keys.setdefault(found.layer, set()).add(found.k)
+    keys = available_saes(source)
     if not keys:
         raise ValueError(
             f"{source} holds no SAE with a known layer and k; give a hub-sae suite, a "
             "DLM-Scope (dictionary_learning) release, or sparsify / SAELens SAE folders."
         )
-    return {layer: sorted(ks) for layer, ks in sorted(keys.items())}
+    return keys
 
 
 def paired_keys(

@@ -120,16 +120,18 @@ def open_suite(
     k: int | None = None,
     device: str = "cpu",
     base_model: str | None = None,
+    use: str = "hub-sae analyze",
 ) -> Suite:
-    """Load a suite (folder or hub repo id, read only) with its base model (default: the suite's),
-    in bfloat16 on CUDA, else float32; MiniLM gets its fitted unmasking head, so it can decode."""
+    """Load a suite (folder or hub repo id, read only) with its base model (default: suite.json's,
+    else the SAE config's), in bfloat16 on CUDA, else float32; MiniLM gets its fitted unmasking
+    head, so it can decode. `use` names the caller when an SAE does not read a block's output."""
     from hub_sae.models import load_base_model
     from hub_sae.models.unmasking import with_unmasking_head
     from hub_sae.sae import TopKSAE
     from hub_sae.suite import suite_info
 
     saes = {
-        layer: sae.requires_grad_(False).require_resid_post("hub-sae analyze")
+        layer: sae.requires_grad_(False).require_resid_post(use)
         for layer, sae in TopKSAE.load_suite(source, k=k, device=device).items()
     }
     info = suite_info(source)
